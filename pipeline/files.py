@@ -15,15 +15,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds.
 
     The temporary file lives in the same folder, so the final `os.replace` is atomic: a reader sees
-    either the old file, or the complete new one, never a partial write. On error it is removed.
+    either the old file, or the complete new one, never a partial write. On error it is removed. Its
+    name is hidden and ends with the target's name, so writers that check suffixes (Keras wants
+    `.keras` and `.weights.h5`) accept it.
 
     Args:
         path: the file to create or replace.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f"-{path.name}")
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     temporary = Path(temporary)
     try:
         yield temporary

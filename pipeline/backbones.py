@@ -1,0 +1,135 @@
+"""Pretrained backbones: a keras.applications constructor plus the facts each one's YAML states."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+
+from pipeline.layers import ImagePreprocessing
+
+log = logging.getLogger(__name__)
+
+
+class Backbone:
+    """A convolutional base cut at its stride-32 feature layer, with its weights and preprocessing.
+
+    Args:
+        name: short name used in logs and cache keys (`mobilenet_v1`).
+        application: `keras.applications` constructor (a partial) taking `include_top`, `weights`
+            and `input_shape`.
+        preprocessing: `ImagePreprocessing` mode this backbone's weights were trained with.
+        input_size: default `[height, width]` the weights were trained at.
+        feature_layer: name of the stride-32 layer that transfer heads and FCN-32s read.
+        weights: "imagenet", None (random initialisation) or a path to a `.h5` / `.weights.h5` file
+            that fits the model without its top.
+        imagenet_weights: where "imagenet" comes from offline: a callable
+            `(include_top: bool) -> path of a .weights.h5 file`; None lets `keras.applications`
+            download them (needs a network).
+        trainable: False freezes the whole base (BatchNorm then runs in inference mode).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        application: Callable[..., keras.Model],
+        preprocessing: str,
+        input_size: list[int],
+        feature_layer: str,
+        weights: str | None = "imagenet",
+        imagenet_weights: Callable[..., str] | None = None,
+        trainable: bool = False,
+    ):
+        self.name = name
+        self.application = application
+        self.preprocessing = preprocessing
+        self.input_size = tuple(input_size)
+        self.feature_layer = feature_layer
+        self.weights = weights
+        self.imagenet_weights = imagenet_weights
+        self.trainable = trainable
+        if weights not in (None, "imagenet") and not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"backbone.weights={weights!r} is neither 'imagenet', null, nor an existing file. "
+                f"Give the path of a .h5 or .weights.h5 file for {name} without its top."
+            )
+
+    def _weights_argument(self, include_top: bool) -> str | None:
+        if self.weights == "imagenet" and self.imagenet_weights is not None:
+            return self.imagenet_weights(include_top=include_top)
+        return self.weights
+
+    def build(self, image_size: list[int] | None = None, include_top: bool = False) -> keras.Model:
+        """Builds the base (or with `include_top`, the whole ImageNet classifier) with its weights.
+
+        Args:
+            image_size: `[height, width]`; None keeps the backbone's `input_size`.
+            include_top: keep the 1000-class classifier instead of cutting at `feature_layer`.
+        """
+        height, width = image_size or self.input_size
+        weights = self._weights_argument(include_top)
+        try:
+            model = self.application(
+                include_top=include_top, weights=weights, input_shape=(height, width, 3)
+            )
+        except Exception as error:  # keras raises several types for a failed download or bad file
+            if weights == "imagenet":
+                raise RuntimeError(
+                    f"Could not get ImageNet weights for backbone {self.name!r}: {error}\n"
+                    "keras.applications downloads them, which needs a network. Offline, use "
+                    "backbone=mobilenet_v1 (its weights ship in a pip package), "
+                    "backbone.weights=null for random initialisation, or "
+                    "backbone.weights=/path/to/file.weights.h5."
+                ) from error
+            if weights is not None:
+                raise ValueError(
+                    f"Weights file {weights} does not fit backbone {self.name!r} "
+                    f"(include_top={include_top}): {error}"
+                ) from error
+            raise
+        if not include_top:
+            model = keras.Model(
+                model.input, model.get_layer(self.feature_layer).output, name=self.name
+            )
+        model.trainable = self.trainable
+        return model
+
+    def feature_extractor(self, image_size: list[int] | None = None) -> keras.Model:
+        """Preprocessing plus the base: float RGB in [0, 255] to stride-32 feature maps."""
+        base = self.build(image_size)
+        inputs = keras.Input(base.input_shape[1:], name="image")
+        x = ImagePreprocessing(self.preprocessing, name="preprocessing")(inputs)
+        return keras.Model(inputs, base(x, training=False), name=f"{self.name}_features")
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 over every weight's name, shape and bytes: equal fingerprints mean equal features."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+        digest.update(f"{variable.path}:{value.dtype}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def unfreeze_top(model: keras.Model, layers: int) -> None:
+    """Makes the last `layers` layers of a base trainable, keeping BatchNorm frozen.
+
+    BatchNorm statistics learned on ImageNet are kept (the keras-io fine-tuning guide's advice): the
+    base is also called with `training=False`, so they stay in inference mode.
+
+    Args:
+        model: the base built by `Backbone.build`.
+        layers: how many layers from the top to unfreeze; -1 unfreezes all.
+    """
+    model.trainable = True
+    chosen = model.layers if layers < 0 else model.layers[len(model.layers) - layers :]
+    chosen = set(id(layer) for layer in chosen)
+    for layer in model.layers:
+        layer.trainable = id(layer) in chosen and not isinstance(
+            layer, keras.layers.BatchNormalization
+        )

@@ -1,0 +1,81 @@
+"""Keras callbacks that add values to the epoch logs, for TensorBoard and CSVLogger to record."""
+
+from __future__ import annotations
+
+import time
+
+import keras
+
+
+class Throughput(keras.callbacks.Callback):
+    """Adds `images_per_second`, the training throughput of the epoch, to the epoch logs.
+
+    Counts the training steps actually run (the batch index Keras reports, so `steps_per_epoch`,
+    `steps_per_execution` and an early end of the data are all accounted for) times `batch_size`,
+    over the time from the start of the epoch to the end of its last training batch: validation,
+    which runs before `on_epoch_end`, is left out. The last batch of an epoch may be smaller than
+    `batch_size`, so the count can be slightly high. The first epoch includes graph tracing.
+
+    Place it before `keras.callbacks.TensorBoard` and `CSVLogger`: callbacks see the same logs
+    dict in list order.
+
+    Args:
+        batch_size: global batch size (summed over replicas under a distribution strategy).
+    """
+
+    # The batch hook only records an index, so it may run on Keras's async callback thread.
+    async_safe = True
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"Throughput needs a positive batch_size; got {batch_size}.")
+        self.batch_size = batch_size
+        self._epoch_start = None
+        self._training_end = None
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._training_end = None
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the index of the last step run so far in this epoch (0-based); max() keeps
+        # the count right even if asynchronous dispatch reorders calls.
+        self._steps = max(self._steps, batch + 1)
+
+    def on_test_begin(self, logs=None):
+        # During fit, validation starts right after the last training batch: stop the clock there.
+        if self._epoch_start is not None and self._training_end is None:
+            self._training_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._epoch_start is None or logs is None:
+            return
+        end = self._training_end if self._training_end is not None else time.perf_counter()
+        seconds = end - self._epoch_start
+        if self._steps > 0 and seconds > 0:
+            logs["images_per_second"] = self._steps * self.batch_size / seconds
+        self._epoch_start = None
+
+
+class LearningRate(keras.callbacks.Callback):
+    """Adds the optimizer's current `learning_rate` to the epoch logs.
+
+    Keras 3's TensorBoard callback already writes `epoch_learning_rate` by itself, but CSVLogger and
+    `History` only see what is in the logs; with this callback before them, they get it too. A
+    schedule is evaluated at `optimizer.iterations`, i.e. the rate the next step will use.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self.model.optimizer is None:
+            return
+        optimizer = self.model.optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+        # Keras 3 optimizers evaluate a schedule at `iterations` in this property; an optimizer that
+        # returns the schedule itself gets the same treatment here.
+        learning_rate = optimizer.learning_rate
+        if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            learning_rate = learning_rate(optimizer.iterations)
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(learning_rate))

@@ -1,0 +1,226 @@
+"""Folder-per-class image data: scanning, stable hashed splits, and the tf.data decode path."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclass
+class Split:
+    """The examples of one split, in a fixed order that reports and predictions follow.
+
+    Args:
+        relative_paths: each image's path under the data root, with `/` separators.
+        labels: class index of each image.
+    """
+
+    relative_paths: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.relative_paths)
+
+    def without(self, bad: set[str]) -> "Split":
+        """This split less the images in `bad` (relative paths), order kept."""
+        keep = [i for i, path in enumerate(self.relative_paths) if path not in bad]
+        return Split([self.relative_paths[i] for i in keep], self.labels[keep])
+
+
+@dataclass
+class ImageFolder:
+    """Images in one sub-folder per class, split into train / validation / test by path hash.
+
+    A file's split depends only on its relative path, so adding or removing images never moves the
+    others between splits (the method of TensorFlow's retrain.py).
+
+    Args:
+        root: folder holding one sub-folder per class.
+        validation_percent: share of images for validation, 0..100.
+        test_percent: share of images for the test split, 0..100.
+        extensions: file extensions taken as images, compared case-insensitively.
+        on_bad_image: "skip" lists unreadable images in the log and `skipped_files.txt` and trains
+            on the rest; "error" stops the run at the first check that finds one.
+    """
+
+    root: str
+    validation_percent: float = 10
+    test_percent: float = 10
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    on_bad_image: str = "skip"
+    class_names: list[str] = field(init=False)
+    splits: dict[str, Split] = field(init=False)
+
+    def __post_init__(self):
+        self.root = str(Path(self.root).expanduser().resolve())
+        if self.on_bad_image not in ("skip", "error"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error'; got {self.on_bad_image!r}.")
+        if not 0 <= self.validation_percent + self.test_percent < 100:
+            raise ValueError(
+                "validation_percent + test_percent must be in [0, 100) so training keeps images; "
+                f"got {self.validation_percent} + {self.test_percent}."
+            )
+        self.extensions = tuple(extension.lower() for extension in self.extensions)
+        self.class_names, files = scan_folder(self.root, self.extensions)
+        by_split = {name: ([], []) for name in SPLITS}
+        for label, relative_path in files:
+            paths, labels = by_split[self.split_of(relative_path)]
+            paths.append(relative_path)
+            labels.append(label)
+        self.splits = {
+            name: Split(paths, np.asarray(labels, dtype=np.int32))
+            for name, (paths, labels) in by_split.items()
+        }
+        counts = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
+        log.info("%s: %d classes; %s images", self.root, len(self.class_names), counts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split_of(self, relative_path: str) -> str:
+        """"train", "validation" or "test", from a hash of the path alone."""
+        digest = hashlib.sha256(relative_path.encode("utf-8", "surrogateescape")).digest()
+        bucket = int.from_bytes(digest[:8], "big") / 2**64 * 100
+        if bucket < self.test_percent:
+            return "test"
+        if bucket < self.test_percent + self.validation_percent:
+            return "validation"
+        return "train"
+
+    def absolute(self, relative_paths: list[str]) -> list[str]:
+        return [os.path.join(self.root, path) for path in relative_paths]
+
+
+def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[int, str]]]:
+    """Class names (sorted sub-folder names) and every (label, relative path), sorted.
+
+    Sub-folders of a class folder are searched too; hidden files and folders are ignored and
+    symbolic links to folders are not followed (a link loop cannot hang the scan).
+
+    Args:
+        root: the data root.
+        extensions: lower-case extensions to take.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"Dataset root {root} does not exist or is not a folder. Set dataset.root to a folder "
+            "with one sub-folder of images per class (see datasets/README.md)."
+        )
+    class_names = sorted(
+        entry.name
+        for entry in os.scandir(root)
+        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+    )
+    if len(class_names) < 2:
+        raise ValueError(
+            f"Dataset root {root} has {len(class_names)} class folder(s) ({', '.join(class_names)}); "
+            "a classifier needs at least two. Put each class's images in its own sub-folder."
+        )
+    files = []
+    for label, class_name in enumerate(class_names):
+        class_dir = os.path.join(root, class_name)
+        found = []
+        for directory, folders, names in os.walk(class_dir):
+            folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
+            for name in names:
+                if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                    found.append(os.path.relpath(os.path.join(directory, name), root))
+        if not found:
+            raise ValueError(
+                f"Class folder {class_dir} has no images with extensions {', '.join(extensions)}. "
+                "Add images or remove the folder."
+            )
+        files += [(label, path.replace(os.sep, "/")) for path in sorted(found)]
+    return class_names, files
+
+
+def decode_image(contents: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG / PNG / BMP / GIF bytes to uint8 RGB [height, width, 3].
+
+    Grayscale, RGBA, palette, 16-bit and CMYK images all come out as 8-bit RGB; a GIF gives its
+    first frame.
+    """
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def decode_error(path: str) -> str | None:
+    """Why `path` cannot be read as an image by `decode_image`, or None if it can."""
+    try:
+        decode_image(tf.io.read_file(path))
+    except (tf.errors.OpError, OSError) as error:
+        message = getattr(error, "message", str(error)).strip()
+        return message.split("[Op:")[0].split("}}")[-1].strip() or type(error).__name__
+    return None
+
+
+def find_bad_images(paths: list[str], parallel: int = tf.data.AUTOTUNE) -> list[tuple[str, str]]:
+    """(path, reason) for every file the tf.data decode path cannot read, in input order.
+
+    Decodes in parallel with the same decoder training uses; failed elements are dropped by
+    `ignore_errors`, and only those few are decoded again one by one to learn why.
+
+    Args:
+        paths: image files.
+        parallel: decode parallelism.
+    """
+    if not paths:
+        return []
+
+    def check(index):
+        return index, tf.shape(decode_image(tf.io.read_file(tf.gather(paths_tensor, index))))
+
+    paths_tensor = tf.constant(paths)
+    indices = tf.data.Dataset.range(len(paths)).map(check, num_parallel_calls=parallel)
+    readable = {int(index) for index, _ in indices.ignore_errors().as_numpy_iterator()}
+    return [
+        (path, decode_error(path) or "could not be decoded")
+        for index, path in enumerate(paths)
+        if index not in readable
+    ]
+
+
+def handle_bad_images(bad: list[tuple[str, str]], on_bad_image: str) -> None:
+    """Logs each unreadable image, or raises when the config says `on_bad_image: error`."""
+    if bad and on_bad_image == "error":
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+        raise ValueError(
+            f"{len(bad)} image(s) cannot be read:\n{listing}\n"
+            "Fix or remove them, or set dataset.on_bad_image=skip to train without them."
+        )
+    for path, reason in bad:
+        log.warning("Skipping unreadable image %s: %s", path, reason)
+
+
+def load_images(
+    paths: list[str], image_size: tuple[int, int], resizing: keras.layers.Layer | None = None
+) -> tf.data.Dataset:
+    """Dataset of float32 RGB images in [0, 255], resized to `image_size`, in `paths` order.
+
+    Args:
+        paths: image files.
+        image_size: `[height, width]`.
+        resizing: the resize layer (the exported model reuses the same one); default bilinear.
+    """
+    resizing = resizing or keras.layers.Resizing(*image_size, interpolation="bilinear")
+
+    def load(path):
+        return resizing(tf.cast(decode_image(tf.io.read_file(path)), tf.float32))
+
+    return tf.data.Dataset.from_tensor_slices(list(paths)).map(
+        load, num_parallel_calls=tf.data.AUTOTUNE
+    )

@@ -1,0 +1,85 @@
+"""One training run, start to finish: config -> strategy -> data -> model -> fit -> reports -> export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.files import atomic_path
+from pipeline.reports import write_classification_reports, write_hparams, write_skipped_files
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Trains the configured task and writes reports and `model.keras` into the run folder.
+
+    Args:
+        cfg: the composed `conf/train.yaml`.
+
+    Returns:
+        The metrics also written to `metrics.json`.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    tensorboard_dir = output_dir / "tensorboard"
+    keras.utils.set_random_seed(cfg.seed)
+    strategy = instantiate(cfg.strategy)
+    task = instantiate(cfg.task)  # also builds the backbone and scans the dataset
+
+    with strategy.scope():
+        model = task.build_model()
+        model.compile(optimizer=instantiate(cfg.optimizer), loss="sparse_categorical_crossentropy",
+                      metrics=task.metrics())
+    data = task.datasets(cfg.batch_size)  # transfer: runs the frozen base once per uncached image
+    write_skipped_files(output_dir, data.skipped)
+
+    callbacks = [callback for callback in instantiate(cfg.callbacks).values() if callback is not None]
+    model.fit(data.train, validation_data=data.validation, epochs=cfg.epochs, callbacks=callbacks,
+              verbose=cfg.verbose, shuffle=False)  # tf.data already shuffles the training split
+
+    if task.fine_tune_epochs:  # transfer: unfreeze the top of the base and train on images
+        with strategy.scope():
+            model = task.fine_tune_model(model)
+            model.compile(optimizer=instantiate(cfg.optimizer, learning_rate=task.fine_tune_learning_rate),
+                          loss="sparse_categorical_crossentropy", metrics=task.metrics())
+        data = task.image_datasets(cfg.batch_size)
+        model.fit(data.train, validation_data=data.validation, initial_epoch=cfg.epochs,
+                  epochs=cfg.epochs + task.fine_tune_epochs, callbacks=callbacks, verbose=cfg.verbose,
+                  shuffle=False)
+
+    metrics = evaluate(model, data, task.dataset, output_dir, tensorboard_dir, step=cfg.epochs)
+    with atomic_path(output_dir / "model.keras") as path:
+        task.export_model(model).save(path)
+    write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
+    log.info("Test accuracy %.4f. Reports, model.keras and TensorBoard logs are in %s",
+             metrics["test/accuracy"], output_dir)
+    return metrics
+
+
+def evaluate(model, data, dataset, output_dir: Path, tensorboard_dir: Path, step: int) -> dict[str, float]:
+    """Validation metrics from `model.evaluate`; test reports from an unshuffled `model.predict`."""
+    validation = model.evaluate(data.validation, return_dict=True, verbose=0)
+    test = data.splits["test"]
+    probabilities = model.predict(data.test, verbose=0)
+    loss = keras.losses.sparse_categorical_crossentropy(test.labels, probabilities)
+    return write_classification_reports(
+        output_dir,
+        class_names=dataset.class_names,
+        labels=test.labels,
+        probabilities=probabilities,
+        relative_paths=test.relative_paths,
+        image_paths=dataset.absolute(test.relative_paths),
+        split="test",
+        extra_metrics={
+            **{f"validation/{name}": float(value) for name, value in validation.items()},
+            "test/loss": float(np.mean(keras.ops.convert_to_numpy(loss))),
+            "skipped_images": len(data.skipped),
+        },
+        tensorboard_dir=tensorboard_dir,
+        step=step,
+    )

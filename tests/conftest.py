@@ -1,0 +1,71 @@
+"""Shared fixtures: the real conf/ composed with Hydra, and a tiny folder of real photos."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+CLASSES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}
+
+
+def compose_config(overrides: list[str], tmp_path: Path) -> "omegaconf.DictConfig":
+    """The real conf/train.yaml with `overrides`, its folders moved under `tmp_path`."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            config_name="train",
+            overrides=[
+                f"paths.root={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                *overrides,
+            ],
+        )
+
+
+def write_photo_folder(root: Path, images_per_class: int = 12, size: int = 48) -> Path:
+    """Crops of real scikit-image photos, one class per photo, as JPEG and PNG files."""
+    from skimage import data
+
+    rng = np.random.default_rng(0)
+    for class_name, photo in CLASSES.items():
+        pixels = getattr(data, photo)()
+        folder = root / class_name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(images_per_class):
+            top = rng.integers(0, pixels.shape[0] - 2 * size)
+            left = rng.integers(0, pixels.shape[1] - 2 * size)
+            crop = Image.fromarray(pixels[top : top + 2 * size, left : left + 2 * size]).resize((size, size))
+            extension = ".png" if i % 4 == 0 else (".JPG" if i % 4 == 1 else ".jpg")
+            crop.save(folder / f"{class_name}_{i:03d}{extension}", quality=90)
+    return root
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> Path:
+    return write_photo_folder(tmp_path / "photos")
+
+
+@pytest.fixture(autouse=True)
+def fresh_keras_session():
+    yield
+    keras.backend.clear_session()
+
+
+# Fast settings for end-to-end runs: random MobileNet at 64x64, one epoch, big splits.
+TINY = [
+    "backbone=mobilenet",
+    "backbone.weights=null",
+    "debug=tiny",
+    "dataset=folder",
+    "dataset.validation_percent=25",
+    "dataset.test_percent=25",
+]

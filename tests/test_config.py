@@ -1,0 +1,98 @@
+"""Every option of every config group composes, and its `_target_` instantiates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hydra.utils import instantiate
+
+from tests.conftest import CONF, TINY, compose_config
+
+GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+          for group in ("backbone", "task", "dataset", "strategy", "optimizer", "callbacks",
+                        "experiment", "sweep", "debug")}
+
+
+def test_every_group_has_options():
+    for group, options in GROUPS.items():
+        assert options, f"conf/{group} is empty"
+
+
+@pytest.mark.parametrize("backbone", GROUPS["backbone"])
+def test_backbone_builds_and_cuts_at_stride_32(backbone, tmp_path):
+    overrides = [f"backbone={backbone}"]
+    if backbone != "mobilenet_v1":  # the others' ImageNet weights need a network
+        overrides.append("backbone.weights=null")
+    cfg = compose_config(overrides, tmp_path)
+    backbone = instantiate(cfg.backbone)
+    small, large = backbone.build([96, 128]), backbone.build([160, 192])
+    # Stride 32: 64 more pixels give exactly 2 more cells (Inception's valid padding shifts the origin).
+    assert np.subtract(large.output_shape[1:3], small.output_shape[1:3]).tolist() == [2, 2]
+    assert not small.trainable_weights, "backbones are frozen by default"
+
+
+@pytest.mark.parametrize("option", GROUPS["strategy"])
+def test_strategy_instantiates(option, tmp_path):
+    strategy = instantiate(compose_config([f"strategy={option}"], tmp_path).strategy)
+    assert isinstance(strategy, tf.distribute.Strategy)
+    with strategy.scope():
+        keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+
+@pytest.mark.parametrize("option", GROUPS["optimizer"])
+def test_optimizer_instantiates(option, tmp_path):
+    optimizer = instantiate(compose_config([f"optimizer={option}"], tmp_path).optimizer)
+    assert isinstance(optimizer, keras.optimizers.Optimizer)
+
+
+@pytest.mark.parametrize("option", GROUPS["callbacks"])
+def test_callbacks_instantiate(option, tmp_path):
+    callbacks = instantiate(compose_config([f"callbacks={option}"], tmp_path).callbacks)
+    assert all(isinstance(c, keras.callbacks.Callback) for c in callbacks.values() if c is not None)
+
+
+@pytest.mark.parametrize("option", GROUPS["task"])
+def test_task_instantiates_with_its_backbone_and_data(option, photo_folder, tmp_path):
+    cfg = compose_config([*TINY, f"task={option}", f"dataset.root={photo_folder}"], tmp_path)
+    task = instantiate(cfg.task)
+    assert task.num_classes == 3
+    assert task.build_model().count_params() > 0
+
+
+@pytest.mark.parametrize("option", GROUPS["dataset"])
+def test_dataset_instantiates(option, photo_folder, tmp_path):
+    cfg = compose_config([f"dataset={option}", f"dataset.root={photo_folder}"] if option == "folder"
+                         else [f"dataset={option}"], tmp_path)
+    folder = instantiate(cfg.dataset)
+    assert folder.num_classes >= 2
+    assert all(len(split) for split in folder.splits.values())
+
+
+@pytest.mark.parametrize("group", ["experiment", "sweep", "debug"])
+def test_overlays_compose_and_their_task_instantiates(group, photo_folder, tmp_path):
+    for option in GROUPS[group]:
+        tiny = [override for override in TINY if not override.startswith(f"{group}=")]
+        cfg = compose_config([*tiny, f"dataset.root={photo_folder}", f"{group}={option}"], tmp_path)
+        instantiate(cfg.task)
+        instantiate(cfg.optimizer)
+
+
+def test_experiment_files_start_with_their_command():
+    for group in ("experiment", "sweep", "debug"):
+        for path in (CONF / group).glob("*.yaml"):
+            lines = path.read_text().splitlines()
+            assert lines[0] == "# @package _global_", path
+            assert lines[1].startswith(f"# python train.py") and f"{group}={path.stem}" in lines[1], path
+
+
+def test_unknown_backbone_is_one_clear_error_listing_the_choices():
+    result = subprocess.run([sys.executable, "train.py", "backbone=resnet5O"], cwd=CONF.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Could not find 'backbone/resnet5O'" in result.stderr
+    assert "mobilenet_v1" in result.stderr and "Traceback" not in result.stderr

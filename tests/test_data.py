@@ -1,0 +1,99 @@
+"""Folder-per-class scanning, stable hashed splits, decoding to RGB and unreadable-file handling."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import ImageFolder, decode_image, find_bad_images, handle_bad_images
+from pipeline.layers import ImagePreprocessing
+from tests.conftest import write_photo_folder
+
+
+def test_classes_files_and_extensions_in_any_case(photo_folder):
+    (photo_folder / "cat" / "notes.txt").write_text("not an image, wrong extension: ignored")
+    (photo_folder / "cat" / ".hidden.jpg").write_bytes(b"hidden: ignored")
+    folder = ImageFolder(str(photo_folder))
+    assert folder.class_names == ["cat", "coffee", "rocket"]
+    paths = [p for split in folder.splits.values() for p in split.relative_paths]
+    assert len(paths) == 36 and any(p.endswith(".JPG") for p in paths) and any(p.endswith(".png") for p in paths)
+    assert not any("notes" in p or "hidden" in p for p in paths)
+
+
+def test_split_is_a_function_of_the_path_so_adding_images_moves_none(photo_folder):
+    before = ImageFolder(str(photo_folder), validation_percent=20, test_percent=20)
+    split_of = {p: name for name, split in before.splits.items() for p in split.relative_paths}
+    for i in range(20):  # add new images to every class
+        for class_name in ("cat", "coffee"):
+            shutil.copy(photo_folder / class_name / f"{class_name}_000.png",
+                        photo_folder / class_name / f"new_{i}.png")
+    after = ImageFolder(str(photo_folder), validation_percent=20, test_percent=20)
+    for name, split in after.splits.items():
+        for path in split.relative_paths:
+            assert split_of.get(path, name) == name, f"{path} moved from {split_of[path]} to {name}"
+
+
+def test_split_shares_follow_the_percentages():
+    folder = ImageFolder.__new__(ImageFolder)
+    folder.validation_percent, folder.test_percent = 10, 20
+    names = [folder.split_of(f"class/{i}.jpg") for i in range(20000)]
+    assert abs(names.count("validation") / 20000 - 0.10) < 0.01
+    assert abs(names.count("test") / 20000 - 0.20) < 0.01
+
+
+def test_missing_root_single_class_and_empty_class_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        ImageFolder(str(tmp_path / "nowhere"))
+    write_photo_folder(tmp_path / "one", images_per_class=2)
+    shutil.rmtree(tmp_path / "one" / "coffee"), shutil.rmtree(tmp_path / "one" / "rocket")
+    with pytest.raises(ValueError, match="at least two"):
+        ImageFolder(str(tmp_path / "one"))
+    write_photo_folder(tmp_path / "empty", images_per_class=2)
+    (tmp_path / "empty" / "zebra").mkdir()
+    with pytest.raises(ValueError, match=str(tmp_path / "empty" / "zebra")):
+        ImageFolder(str(tmp_path / "empty"))
+
+
+def _encoded(image: Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode,format", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"),
+                                          ("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "BMP")])
+def test_every_colour_mode_decodes_to_rgb(mode, format):
+    from skimage import data
+
+    rgb = Image.fromarray(data.astronaut()[::8, ::8])
+    decoded = decode_image(_encoded(rgb.convert(mode), format)).numpy()
+    reference = np.asarray(Image.open(io.BytesIO(_encoded(rgb.convert(mode), format))).convert("RGB"))
+    assert decoded.shape == (64, 64, 3) and decoded.dtype == np.uint8
+    tolerance = 4 if format == "JPEG" else 0  # JPEG decoders round colour conversion differently
+    assert np.abs(decoded.astype(int) - reference).max() <= tolerance
+
+
+def test_unreadable_files_are_found_with_their_reason(photo_folder):
+    good = photo_folder / "cat" / "cat_002.jpg"
+    (photo_folder / "cat" / "truncated.jpg").write_bytes(good.read_bytes()[:300])
+    (photo_folder / "cat" / "text.jpg").write_text("this is a text file named .jpg")
+    (photo_folder / "cat" / "empty.png").write_bytes(b"")
+    paths = [str(p) for p in sorted((photo_folder / "cat").iterdir())]
+    bad = dict(find_bad_images(paths))
+    assert set(bad) == {str(photo_folder / "cat" / n) for n in ("truncated.jpg", "text.jpg", "empty.png")}
+    assert "Unknown image file format" in bad[str(photo_folder / "cat" / "text.jpg")]
+    assert "empty" in bad[str(photo_folder / "cat" / "empty.png")]
+    with pytest.raises(ValueError, match="truncated.jpg"):
+        handle_bad_images(list(bad.items()), "error")
+
+
+@pytest.mark.parametrize("mode", ["tf", "caffe", "torch"])
+def test_preprocessing_layer_equals_keras_preprocess_input(mode):
+    images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = keras.applications.imagenet_utils.preprocess_input(images.copy(), mode=mode)
+    np.testing.assert_allclose(ImagePreprocessing(mode)(images), expected, rtol=1e-5, atol=1e-4)
