@@ -27,6 +27,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     output_dir = Path(cfg.paths.output_dir)
     tensorboard_dir = output_dir / "tensorboard"
+    keras.backend.clear_session()  # sweeps in one process: free the previous job's models
     keras.utils.set_random_seed(cfg.seed)
     strategy = instantiate(cfg.strategy)
     task = instantiate(cfg.task)  # also builds the backbone and scans the dataset

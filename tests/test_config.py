@@ -96,3 +96,17 @@ def test_unknown_backbone_is_one_clear_error_listing_the_choices():
     assert result.returncode != 0
     assert "Could not find 'backbone/resnet5O'" in result.stderr
     assert "mobilenet_v1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_weights_from_a_file_and_clear_errors_for_wrong_or_missing_files(tmp_path):
+    slim = instantiate(compose_config(["backbone=mobilenet_v1"], tmp_path).backbone)
+    path = slim.imagenet_weights(include_top=False)
+    from_file = instantiate(compose_config(["backbone=mobilenet", f"backbone.weights={path}"], tmp_path).backbone)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype("float32")
+    np.testing.assert_allclose(from_file.build()(images), slim.build()(images), atol=1e-5)
+
+    vgg = instantiate(compose_config(["backbone=vgg16", f"backbone.weights={path}"], tmp_path).backbone)
+    with pytest.raises(ValueError, match="does not fit backbone 'vgg16'"):
+        vgg.build()
+    with pytest.raises(Exception, match="neither 'imagenet', null, nor an existing file"):
+        instantiate(compose_config(["backbone=vgg16", f"backbone.weights={tmp_path}/nope.h5"], tmp_path).backbone)
