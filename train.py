@@ -10,10 +10,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from pipeline.run import train  # imported here so `--help` and config errors come fast
+    from pipeline.run import summary, train  # imported here so `--help` and config errors come fast
 
     metrics = train(cfg)
-    print(f"test accuracy: {metrics['test/accuracy']:.4f}   reports: {cfg.paths.output_dir}")
+    print(f"{summary(metrics)}\nreports: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)  # what sweepers (Optuna) maximise
 
 

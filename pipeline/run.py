@@ -6,12 +6,11 @@ import logging
 from pathlib import Path
 
 import keras
-import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.files import atomic_path
-from pipeline.reports import write_classification_reports, write_hparams, write_skipped_files
+from pipeline.reports import write_hparams, write_skipped_files
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     with strategy.scope():
         model = task.build_model()
-        model.compile(optimizer=instantiate(cfg.optimizer), loss="sparse_categorical_crossentropy",
-                      metrics=task.metrics())
+        model.compile(optimizer=instantiate(cfg.optimizer), loss=task.loss, metrics=task.metrics())
     data = task.datasets(cfg.batch_size)  # transfer: runs the frozen base once per uncached image
     write_skipped_files(output_dir, data.skipped)
 
@@ -47,40 +45,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with strategy.scope():
             model = task.fine_tune_model(model)
             model.compile(optimizer=instantiate(cfg.optimizer, learning_rate=task.fine_tune_learning_rate),
-                          loss="sparse_categorical_crossentropy", metrics=task.metrics())
+                          loss=task.loss, metrics=task.metrics())
         data = task.image_datasets(cfg.batch_size)
         model.fit(data.train, validation_data=data.validation, initial_epoch=cfg.epochs,
                   epochs=cfg.epochs + task.fine_tune_epochs, callbacks=callbacks, verbose=cfg.verbose,
                   shuffle=False)
 
-    metrics = evaluate(model, data, task.dataset, output_dir, tensorboard_dir, step=cfg.epochs)
+    metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=cfg.epochs)  # reports too
     with atomic_path(output_dir / "model.keras") as path:
         task.export_model(model).save(path)
     write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
-    log.info("Test accuracy %.4f. Reports, model.keras and TensorBoard logs are in %s",
-             metrics["test/accuracy"], output_dir)
+    log.info("%s. Reports, model.keras and TensorBoard logs are in %s", summary(metrics), output_dir)
     return metrics
 
 
-def evaluate(model, data, dataset, output_dir: Path, tensorboard_dir: Path, step: int) -> dict[str, float]:
-    """Validation metrics from `model.evaluate`; test reports from an unshuffled `model.predict`."""
-    validation = model.evaluate(data.validation, return_dict=True, verbose=0)
-    test = data.splits["test"]
-    probabilities = model.predict(data.test, verbose=0)
-    loss = keras.losses.sparse_categorical_crossentropy(test.labels, probabilities)
-    return write_classification_reports(
-        output_dir,
-        class_names=dataset.class_names,
-        labels=test.labels,
-        probabilities=probabilities,
-        relative_paths=test.relative_paths,
-        image_paths=dataset.absolute(test.relative_paths),
-        split="test",
-        extra_metrics={
-            **{f"validation/{name}": float(value) for name, value in validation.items()},
-            "test/loss": float(np.mean(keras.ops.convert_to_numpy(loss))),
-            "skipped_images": len(data.skipped),
-        },
-        tensorboard_dir=tensorboard_dir,
-        step=step,
-    )
+def summary(metrics: dict[str, float]) -> str:
+    """The test metrics on one line: `test/accuracy 0.9773, test/loss 0.0712, ...`."""
+    return ", ".join(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
+                     for name, value in metrics.items() if name.startswith("test/"))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-from pipeline.data import decode_image
+from pipeline.data import ImageFolder, decode_image
 from pipeline.run import train
 from tests.conftest import CONF, TINY, compose_config
 
@@ -91,10 +91,10 @@ def test_second_run_hits_the_cache_and_an_edited_image_is_recomputed(photo_folde
 
 
 def test_transfer_with_cached_augmented_views(photo_folder, tmp_path):
-    metrics, _ = run(photo_folder, tmp_path, "task.augmented_views=2",
-                     "task.augmentation=[{_target_: keras.layers.RandomFlip, mode: horizontal}]")
-    train_images = 36 - metrics["test/examples"] - len(read_predictions(tmp_path / "run")) * 0
-    assert len(cache_entries(tmp_path)) > 36, "augmented views are cached beside the originals"
+    run(photo_folder, tmp_path, "task.augmented_views=2",
+        "task.augmentation=[{_target_: keras.layers.RandomFlip, mode: horizontal}]")
+    train = ImageFolder(str(photo_folder), validation_percent=25, test_percent=25).splits["train"]
+    assert len(cache_entries(tmp_path)) == 36 + 2 * len(train), "two views of each training image"
 
 
 def test_transfer_then_fine_tuning(photo_folder, tmp_path):
@@ -118,9 +118,29 @@ def test_command_line_run_and_a_clear_error_for_a_missing_root(photo_folder, tmp
     result = subprocess.run([*common, f"dataset.root={photo_folder}"], cwd=CONF.parent,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test accuracy:" in result.stdout and (tmp_path / "cli" / "model.keras").is_file()
+    assert "test/accuracy" in result.stdout and "reports:" in result.stdout and (tmp_path / "cli" / "model.keras").is_file()
 
     result = subprocess.run([*common, f"dataset.root={tmp_path}/no_such_folder"], cwd=CONF.parent,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert f"{tmp_path}/no_such_folder does not exist" in result.stderr
+
+
+def default_run(tmp_path, *overrides):
+    """`python train.py` as a user runs it, with its folders under tmp_path."""
+    result = subprocess.run([sys.executable, "train.py", f"paths.root={tmp_path}",
+                             f"hydra.run.dir={tmp_path}/run", "verbose=0", *overrides],
+                            cwd=CONF.parent, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_the_embedded_default_learns_the_demo_set_with_imagenet_weights(tmp_path):
+    metrics = default_run(tmp_path)
+    assert metrics["test/accuracy"] >= 0.9 and metrics["validation/accuracy"] >= 0.9
+    assert metrics["test/examples"] == 44 and metrics["skipped_images"] == 0
+
+
+@pytest.mark.slow
+def test_random_weights_do_far_worse_on_the_demo_set(tmp_path):
+    assert default_run(tmp_path, "backbone.weights=null")["test/accuracy"] < 0.6

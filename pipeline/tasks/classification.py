@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, load_images
 from pipeline.layers import ImagePreprocessing
+from pipeline.reports import write_classification_reports
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ClassificationTask:
         seed: shuffling seed.
     """
 
+    loss = "sparse_categorical_crossentropy"
     fine_tune_epochs = 0  # only the transfer task has a second, fine-tuning phase
 
     def __init__(
@@ -139,6 +143,38 @@ class ClassificationTask:
             test=images(splits["test"]).batch(batch_size).prefetch(tf.data.AUTOTUNE),
             splits=splits,
             skipped=skipped,
+        )
+
+    def evaluate(self, model: keras.Model, data: TaskData, output_dir: Path, tensorboard_dir: Path,
+                 step: int) -> dict[str, float]:
+        """Validation metrics from `model.evaluate`; test reports from an unshuffled `model.predict`.
+
+        Args:
+            model: the trained model, fed by `data`.
+            data: what `datasets` returned.
+            output_dir: the run folder, for the report files.
+            tensorboard_dir: where the report images and scalars are logged.
+            step: the TensorBoard step (the last epoch).
+        """
+        validation = model.evaluate(data.validation, return_dict=True, verbose=0)
+        test = data.splits["test"]
+        probabilities = model.predict(data.test, verbose=0)
+        loss = keras.losses.sparse_categorical_crossentropy(test.labels, probabilities)
+        return write_classification_reports(
+            output_dir,
+            class_names=self.dataset.class_names,
+            labels=test.labels,
+            probabilities=probabilities,
+            relative_paths=test.relative_paths,
+            image_paths=self.dataset.absolute(test.relative_paths),
+            split="test",
+            extra_metrics={
+                **{f"validation/{name}": float(value) for name, value in validation.items()},
+                "test/loss": float(np.mean(keras.ops.convert_to_numpy(loss))),
+                "skipped_images": len(data.skipped),
+            },
+            tensorboard_dir=tensorboard_dir,
+            step=step,
         )
 
     def export_model(self, model: keras.Model) -> keras.Model:
