@@ -26,10 +26,13 @@ class Backbone:
         input_size: default `[height, width]` the weights were trained at.
         feature_layer: name of the stride-32 layer that transfer heads and FCN-32s read.
         weights: "imagenet", None (random initialisation) or a path to a `.h5` / `.weights.h5` file
-            that fits the model without its top.
+            that fits the model without its top, or to a checkpoint `checkpoint_importer` reads.
         imagenet_weights: where "imagenet" comes from offline: a callable
             `(include_top: bool) -> path of a .weights.h5 file`; None lets `keras.applications`
             download them (needs a network).
+        checkpoint_importer: reads a `weights` path that is not a Keras `.h5` file (a TF-Slim
+            checkpoint or frozen graph, a PyTorch state dict): a callable
+            `(path: str, include_top: bool) -> path of a .weights.h5 file`; None: `.h5` files only.
         trainable: False freezes the whole base (BatchNorm then runs in inference mode).
     """
 
@@ -43,6 +46,7 @@ class Backbone:
         weights: str | None = "imagenet",
         imagenet_weights: Callable[..., str] | None = None,
         trainable: bool = False,
+        checkpoint_importer: Callable[..., str] | None = None,
     ):
         self.name = name
         self.application = application
@@ -52,15 +56,24 @@ class Backbone:
         self.weights = weights
         self.imagenet_weights = imagenet_weights
         self.trainable = trainable
-        if weights not in (None, "imagenet") and not Path(weights).is_file():
+        self.checkpoint_importer = checkpoint_importer
+        # A TF checkpoint is named by its prefix: `vgg_16.ckpt` for vgg_16.ckpt.index + .data-* files.
+        if weights not in (None, "imagenet") and not (
+            Path(weights).is_file() or (checkpoint_importer and Path(f"{weights}.index").is_file())
+        ):
             raise FileNotFoundError(
                 f"backbone.weights={weights!r} is neither 'imagenet', null, nor an existing file. "
-                f"Give the path of a .h5 or .weights.h5 file for {name} without its top."
+                f"Give the path of a .h5 or .weights.h5 file for {name} without its top"
+                + (", or of a checkpoint its importer reads." if checkpoint_importer else ".")
             )
 
     def _weights_argument(self, include_top: bool) -> str | None:
         if self.weights == "imagenet" and self.imagenet_weights is not None:
             return self.imagenet_weights(include_top=include_top)
+        if self.checkpoint_importer is not None and self.weights not in (None, "imagenet") and not str(
+            self.weights
+        ).endswith(".h5"):
+            return self.checkpoint_importer(path=str(self.weights), include_top=include_top)
         return self.weights
 
     def build(self, image_size: list[int] | None = None, include_top: bool = False) -> keras.Model:
@@ -76,21 +89,21 @@ class Backbone:
             model = self.application(
                 include_top=include_top, weights=weights, input_shape=(height, width, 3)
             )
-        except Exception as error:  # keras raises several types for a failed download or bad file
-            if weights == "imagenet":
-                raise RuntimeError(
-                    f"Could not get ImageNet weights for backbone {self.name!r}: {error}\n"
-                    "keras.applications downloads them, which needs a network. Offline, use "
-                    "backbone=mobilenet_v1 (its weights ship in a pip package), "
-                    "backbone.weights=null for random initialisation, or "
-                    "backbone.weights=/path/to/file.weights.h5."
-                ) from error
-            if weights is not None:
-                raise ValueError(
-                    f"Weights file {weights} does not fit backbone {self.name!r} "
-                    f"(include_top={include_top}): {error}"
-                ) from error
-            raise
+        except ValueError as error:
+            raise ValueError(
+                f"Backbone {self.name!r} cannot be built with image_size=[{height}, {width}], "
+                f"include_top={include_top}, weights={weights!r}: {error}"
+            ) from error
+        except Exception as error:  # keras.utils.get_file raises a bare Exception when offline
+            if weights != "imagenet":
+                raise
+            raise RuntimeError(
+                f"Could not get ImageNet weights for backbone {self.name!r}: {error}\n"
+                "keras.applications downloads them, which needs a network. Offline, use "
+                "backbone=mobilenet_v1 (its weights ship in a pip package), "
+                "backbone.weights=null for random initialisation, or "
+                "backbone.weights=/path/to/file.weights.h5."
+            ) from error
         if not include_top:
             model = keras.Model(
                 model.input, model.get_layer(self.feature_layer).output, name=self.name

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from pipeline.data import decode_error, decode_image
+from pipeline.data import decode_error, read_image, tf_paths
 from pipeline.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class FeatureCache:
     def fill(
         self,
         paths: list[str],
-        image_size: tuple[int, int],
+        orientations: list[int],
         batch_size: int,
         resizing: keras.layers.Layer,
         augmentation: keras.layers.Layer | None = None,
@@ -69,42 +70,50 @@ class FeatureCache:
     ) -> CacheFill:
         """Computes and stores the features of every image not cached yet.
 
-        Streams: one batch of images and features is in memory at a time. Images the decoder cannot
+        Streams: one batch of images and features is in memory at a time. Images that cannot be
         read get no entry and are returned in `bad` with the reason.
 
         Args:
             paths: image files.
-            image_size: `[height, width]` fed to the extractor.
+            orientations: each file's EXIF orientation, applied after decoding.
             batch_size: images per extractor call.
-            resizing: the resize layer (the exported model reuses it).
+            resizing: the resize layer to the extractor's input size (the exported model reuses it).
             augmentation: applied to each batch before the extractor, for cached augmented views.
             description: progress bar label.
         """
-        entries = [self.entry(sha256_file(path)) for path in paths]
-        present = [entry.exists() for entry in entries]
+        entries, reasons = [], {}
+        for path in paths:
+            try:
+                entries.append(self.entry(sha256_file(path)))
+            except OSError as error:  # a link loop, a vanished or unreadable file
+                entries.append(None)
+                reasons[path] = error.strerror or str(error)
+        present = [entry is not None and entry.exists() for entry in entries]
         hits = sum(present)
         # One computation per distinct content, even when two files hold the same bytes.
-        missing = sorted({entries[i]: i for i in range(len(paths)) if not present[i]}.values())
+        missing = sorted({entries[i]: i for i, entry in enumerate(entries)
+                          if entry is not None and not present[i]}.values())
         if missing:
-            self._compute([paths[i] for i in missing], [entries[i] for i in missing], image_size,
-                          batch_size, resizing, augmentation, description)
-        bad = [(path, decode_error(path) or "could not be decoded")
-               for path, entry in zip(paths, entries) if not entry.exists()]
+            self._compute([paths[i] for i in missing], [orientations[i] for i in missing],
+                          [entries[i] for i in missing], batch_size, resizing, augmentation,
+                          description)
+        for path, entry in zip(paths, entries):
+            if entry is not None and not entry.exists():
+                reasons[path] = decode_error(path) or "could not be decoded"
+        bad = [(path, reasons[path]) for path in paths if path in reasons]
         log.info("%s: %d cache hits, %d misses, %d unreadable", description, hits,
                  len(paths) - hits, len(bad))
-        unreadable = {path for path, _ in bad}
         return CacheFill(
-            entries=[None if path in unreadable else entry for path, entry in zip(paths, entries)],
+            entries=[None if path in reasons else entry for path, entry in zip(paths, entries)],
             bad=bad, hits=hits, misses=len(paths) - hits,
         )
 
-    def _compute(self, paths, entries, image_size, batch_size, resizing, augmentation, description):
-        def load(index, path):
-            image = tf.cast(decode_image(tf.io.read_file(path)), tf.float32)
-            return index, resizing(image)
+    def _compute(self, paths, orientations, entries, batch_size, resizing, augmentation, description):
+        def load(index, path, orientation):
+            return index, resizing(tf.cast(read_image(path, orientation), tf.float32))
 
         images = (
-            tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), paths))
+            tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), tf_paths(paths), orientations))
             .map(load, num_parallel_calls=tf.data.AUTOTUNE)
             .ignore_errors()  # unreadable files get no entry; fill() reports them
             .batch(batch_size)
@@ -126,6 +135,6 @@ def feature_dataset(entries: list[Path], labels: np.ndarray, feature_shape: tupl
         features = tf.io.parse_tensor(tf.io.read_file(path), out_type=tf.float32)
         return tf.ensure_shape(features, feature_shape), label
 
-    return tf.data.Dataset.from_tensor_slices(([str(e) for e in entries], labels)).map(
+    return tf.data.Dataset.from_tensor_slices(([os.fsencode(e) for e in entries], labels)).map(
         read, num_parallel_calls=tf.data.AUTOTUNE
     )

@@ -1,10 +1,14 @@
-"""Keras callbacks that add values to the epoch logs, for TensorBoard and CSVLogger to record."""
+"""Keras callbacks: values added to the epoch logs for TensorBoard and CSVLogger, and atomic checkpoints."""
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 import keras
+
+from pipeline.files import atomic_path
 
 
 class Throughput(keras.callbacks.Callback):
@@ -79,3 +83,40 @@ class LearningRate(keras.callbacks.Callback):
         if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             learning_rate = learning_rate(optimizer.iterations)
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(learning_rate))
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Saves the model (weights and optimizer state) after every epoch whose loss is finite.
+
+    Writes `last.keras` every such epoch and `best.keras` when `monitor` improves, each to a
+    temporary file renamed into place: a run killed while saving keeps the previous complete file.
+    An epoch whose loss is NaN or infinite is not saved, so `last.keras` stays the last good model.
+
+    Args:
+        directory: the folder for the two files.
+        monitor: the logged value that decides `best.keras`.
+        mode: "min" or "max": whether lower or higher `monitor` is better.
+    """
+
+    def __init__(self, directory: str, monitor: str = "val_loss", mode: str = "min"):
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"Checkpoint mode must be 'min' or 'max'; got {mode!r}.")
+        self.directory = Path(directory)
+        self.monitor = monitor
+        self.sign = 1 if mode == "min" else -1
+        self.best = math.inf
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not math.isfinite(logs.get("loss", math.nan)):
+            return
+        self._save("last.keras")
+        value = logs.get(self.monitor)
+        if value is not None and math.isfinite(value) and self.sign * value < self.best:
+            self.best = self.sign * value
+            self._save("best.keras")
+
+    def _save(self, name: str) -> None:
+        with atomic_path(self.directory / name) as path:
+            self.model.save(path)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -62,6 +65,7 @@ class ImageFolder:
     on_bad_image: str = "skip"
     class_names: list[str] = field(init=False)
     splits: dict[str, Split] = field(init=False)
+    _orientations: dict[str, int] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.root = str(Path(self.root).expanduser().resolve())
@@ -102,6 +106,13 @@ class ImageFolder:
 
     def absolute(self, relative_paths: list[str]) -> list[str]:
         return [os.path.join(self.root, path) for path in relative_paths]
+
+    def orientations(self, relative_paths: list[str]) -> list[int]:
+        """EXIF orientation of each image, read from its header once and remembered."""
+        missing = [path for path in relative_paths if path not in self._orientations]
+        for path, absolute in zip(missing, self.absolute(missing)):
+            self._orientations[path] = exif_orientation(absolute)
+        return [self._orientations[path] for path in relative_paths]
 
 
 def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[int, str]]]:
@@ -147,6 +158,49 @@ def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list
     return class_names, files
 
 
+def tf_paths(paths: list[str]) -> list[bytes]:
+    """Paths as bytes for TensorFlow, which cannot take file names that are not valid UTF-8."""
+    return [os.fsencode(path) for path in paths]
+
+
+def exif_orientation(path: str) -> int:
+    """The EXIF orientation tag (1..8) of an image file; 1 when it has none or cannot be read."""
+    try:
+        with warnings.catch_warnings():  # only the header is read: no decompression bomb here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # an unreadable file is reported by the decoder, with its reason
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """Turns decoded pixels upright as the EXIF tag says (TensorFlow's decoders ignore it).
+
+    The eight cases are Pillow's `ImageOps.exif_transpose`: 2 mirror, 3 rotate 180, 4 flip, 5
+    transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90 counter-clockwise.
+    """
+    transposed = lambda: tf.transpose(image, [1, 0, 2])
+    branches = [
+        lambda: image,  # 0: never produced; 1: already upright
+        lambda: image,
+        lambda: tf.image.flip_left_right(image),
+        lambda: tf.image.rot90(image, 2),
+        lambda: tf.image.flip_up_down(image),
+        transposed,
+        lambda: tf.image.rot90(image, 3),
+        lambda: tf.image.rot90(transposed(), 2),
+        lambda: tf.image.rot90(image, 1),
+    ]
+    return tf.switch_case(tf.clip_by_value(tf.cast(orientation, tf.int32), 0, 8), branches)
+
+
+def read_image(path: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """A file to upright uint8 RGB [height, width, 3]: read, decode, apply the EXIF orientation."""
+    return apply_orientation(decode_image(tf.io.read_file(path)), orientation)
+
+
 def decode_image(contents: tf.Tensor) -> tf.Tensor:
     """Encoded JPEG / PNG / BMP / GIF bytes to uint8 RGB [height, width, 3].
 
@@ -161,7 +215,7 @@ def decode_image(contents: tf.Tensor) -> tf.Tensor:
 def decode_error(path: str) -> str | None:
     """Why `path` cannot be read as an image by `decode_image`, or None if it can."""
     try:
-        decode_image(tf.io.read_file(path))
+        decode_image(tf.io.read_file(os.fsencode(path)))
     except (tf.errors.OpError, OSError) as error:
         message = getattr(error, "message", str(error)).strip()
         return message.split("[Op:")[0].split("}}")[-1].strip() or type(error).__name__
@@ -184,7 +238,7 @@ def find_bad_images(paths: list[str], parallel: int = tf.data.AUTOTUNE) -> list[
     def check(index):
         return index, tf.shape(decode_image(tf.io.read_file(tf.gather(paths_tensor, index))))
 
-    paths_tensor = tf.constant(paths)
+    paths_tensor = tf.constant(tf_paths(paths))
     indices = tf.data.Dataset.range(len(paths)).map(check, num_parallel_calls=parallel)
     readable = {int(index) for index, _ in indices.ignore_errors().as_numpy_iterator()}
     return [
@@ -207,20 +261,24 @@ def handle_bad_images(bad: list[tuple[str, str]], on_bad_image: str) -> None:
 
 
 def load_images(
-    paths: list[str], image_size: tuple[int, int], resizing: keras.layers.Layer | None = None
+    paths: list[str],
+    orientations: list[int],
+    image_size: tuple[int, int],
+    resizing: keras.layers.Layer | None = None,
 ) -> tf.data.Dataset:
-    """Dataset of float32 RGB images in [0, 255], resized to `image_size`, in `paths` order.
+    """Dataset of upright float32 RGB images in [0, 255], resized to `image_size`, in `paths` order.
 
     Args:
         paths: image files.
+        orientations: each file's EXIF orientation (`ImageFolder.orientations`).
         image_size: `[height, width]`.
         resizing: the resize layer (the exported model reuses the same one); default bilinear.
     """
     resizing = resizing or keras.layers.Resizing(*image_size, interpolation="bilinear")
 
-    def load(path):
-        return resizing(tf.cast(decode_image(tf.io.read_file(path)), tf.float32))
+    def load(path, orientation):
+        return resizing(tf.cast(read_image(path, orientation), tf.float32))
 
-    return tf.data.Dataset.from_tensor_slices(list(paths)).map(
+    return tf.data.Dataset.from_tensor_slices((tf_paths(paths), list(orientations))).map(
         load, num_parallel_calls=tf.data.AUTOTUNE
     )

@@ -33,6 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"Could not write {path}: {error.strerror or error}. Is the disk full or the folder "
+            "read-only? Free space, or point paths.output_dir / paths.cache_dir elsewhere; "
+            "files written before are intact",
+        ) from error
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -47,8 +54,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` as UTF-8 to `path` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Writes `text` as UTF-8 to `path` atomically.
+
+    A file name that is not valid UTF-8 (kept by Python as surrogate escapes) is written back as
+    its original bytes, so a path in a report still names the file.
+    """
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import keras
@@ -33,30 +34,46 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     with strategy.scope():
         model = task.build_model()
-        model.compile(optimizer=instantiate(cfg.optimizer), loss=task.loss, metrics=task.metrics())
+        model.compile(optimizer=instantiate(cfg.optimizer, _convert_="all"), loss=task.loss, metrics=task.metrics())
     data = task.datasets(cfg.batch_size)  # transfer: runs the frozen base once per uncached image
     write_skipped_files(output_dir, data.skipped)
 
-    callbacks = [callback for callback in instantiate(cfg.callbacks).values() if callback is not None]
-    model.fit(data.train, validation_data=data.validation, epochs=cfg.epochs, callbacks=callbacks,
-              verbose=cfg.verbose, shuffle=False)  # tf.data already shuffles the training split
+    callbacks = [callback for callback in instantiate(cfg.callbacks, _convert_="all").values() if callback is not None]
+    history = model.fit(data.train, validation_data=data.validation, epochs=cfg.epochs,
+                        callbacks=callbacks, verbose=cfg.verbose, shuffle=False)  # tf.data shuffles
+    check_finite(history, output_dir)
 
     if task.fine_tune_epochs:  # transfer: unfreeze the top of the base and train on images
         with strategy.scope():
             model = task.fine_tune_model(model)
-            model.compile(optimizer=instantiate(cfg.optimizer, learning_rate=task.fine_tune_learning_rate),
+            model.compile(optimizer=instantiate(cfg.optimizer, learning_rate=task.fine_tune_learning_rate,
+                                                         _convert_="all"),
                           loss=task.loss, metrics=task.metrics())
         data = task.image_datasets(cfg.batch_size)
-        model.fit(data.train, validation_data=data.validation, initial_epoch=cfg.epochs,
-                  epochs=cfg.epochs + task.fine_tune_epochs, callbacks=callbacks, verbose=cfg.verbose,
-                  shuffle=False)
+        history = model.fit(data.train, validation_data=data.validation, initial_epoch=cfg.epochs,
+                            epochs=cfg.epochs + task.fine_tune_epochs, callbacks=callbacks,
+                            verbose=cfg.verbose, shuffle=False)
+        check_finite(history, output_dir)
 
-    metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=cfg.epochs)  # reports too
     with atomic_path(output_dir / "model.keras") as path:
         task.export_model(model).save(path)
+    # Reports; metrics.json is written last of all, so a run folder that has it is a finished run.
+    metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=cfg.epochs)
     write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
     log.info("%s. Reports, model.keras and TensorBoard logs are in %s", summary(metrics), output_dir)
     return metrics
+
+
+def check_finite(history: keras.callbacks.History, output_dir: Path) -> None:
+    """Stops the run when the training loss became NaN or infinite, saying what is kept."""
+    losses = history.history.get("loss", [])
+    if losses and not math.isfinite(losses[-1]):
+        kept = output_dir / "checkpoints" / "last.keras"
+        raise FloatingPointError(
+            f"The training loss became {losses[-1]} in epoch {history.epoch[-1] + 1}. "
+            + (f"The last good model is {kept}. " if kept.exists() else "No epoch finished with a finite loss. ")
+            + "Lower optimizer.learning_rate, or check the data for extreme values."
+        )
 
 
 def summary(metrics: dict[str, float]) -> str:

@@ -14,6 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+import pipeline.schema  # noqa: F401  registers train_schema, as train.py does
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CLASSES = {"cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}
 

@@ -130,7 +130,9 @@ class ClassificationTask:
         check_splits(splits)
 
         def images(split: Split) -> tf.data.Dataset:
-            pixels = load_images(self.dataset.absolute(split.relative_paths), self.image_size, self.resizing)
+            paths = split.relative_paths
+            pixels = load_images(self.dataset.absolute(paths), self.dataset.orientations(paths),
+                                 self.image_size, self.resizing)
             return tf.data.Dataset.zip(pixels, tf.data.Dataset.from_tensor_slices(split.labels))
 
         train = images(splits["train"]).shuffle(len(splits["train"]), seed=self.seed).batch(batch_size)

@@ -84,8 +84,8 @@ class TransferTask(ClassificationTask):
         splits, entries, skipped = {}, {}, []
         for name, split in self.dataset.splits.items():
             paths = self.dataset.absolute(split.relative_paths)
-            fill = cache.fill(paths, self.image_size, batch_size, self.resizing,
-                              description=f"Caching {name} features")
+            fill = cache.fill(paths, self.dataset.orientations(split.relative_paths), batch_size,
+                              self.resizing, description=f"Caching {name} features")
             handle_bad_images(fill.bad, self.dataset.on_bad_image)
             keep = [i for i, entry in enumerate(fill.entries) if entry is not None]
             splits[name] = Split([split.relative_paths[i] for i in keep], split.labels[keep])
@@ -96,7 +96,8 @@ class TransferTask(ClassificationTask):
         train_entries, train_labels = list(entries["train"]), splits["train"].labels
         for view in range(self.augmented_views):
             augmented = self._cache({"augmentation": self._augmentation_config(), "view": view})
-            fill = augmented.fill(self.dataset.absolute(splits["train"].relative_paths), self.image_size,
+            train = splits["train"].relative_paths
+            fill = augmented.fill(self.dataset.absolute(train), self.dataset.orientations(train),
                                   batch_size, self.resizing, self.augmentation,
                                   description=f"Caching augmented view {view + 1}/{self.augmented_views}")
             train_entries += fill.entries

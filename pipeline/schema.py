@@ -1,0 +1,39 @@
+"""Types of the run-level config values, so `epochs=ten` fails when the config is composed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class Paths:
+    root: str = MISSING
+    data_dir: str = MISSING
+    cache_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    """conf/train.yaml's own keys; each group (backbone, task, ...) is checked by its `_target_`."""
+
+    seed: int = 42
+    epochs: int = 10
+    batch_size: int = 32
+    image_size: list[int] = MISSING
+    verbose: Any = "auto"
+    optimized_metric: str = "validation/accuracy"
+    paths: Paths = field(default_factory=Paths)
+    backbone: Any = MISSING
+    task: Any = MISSING
+    dataset: Any = MISSING
+    strategy: Any = MISSING
+    optimizer: Any = MISSING
+    callbacks: Any = MISSING
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
