@@ -168,3 +168,15 @@ def test_read_only_output_folder_is_a_clear_error(photo_folder, tmp_path, mount)
     assert result.returncode != 0
     assert "Read-only file system" in result.stderr
     assert (tmp_path / "outputs" / "earlier" / "metrics.json").exists()
+
+
+def test_sigkill_during_a_sweep_then_the_rerun_finishes_every_job(photo_folder, tmp_path):
+    argv = [sys.executable, "train.py", "-m", f"paths.root={tmp_path}", *TINY,
+            f"dataset.root={photo_folder}", "sweep=head", f"hydra.sweep.dir={tmp_path}/sweep"]
+    kill_when(start(argv), lambda: (tmp_path / "sweep" / "0" / "metrics.json").exists())
+    assert not (tmp_path / "sweep" / "3" / "metrics.json").exists()
+    finish(argv)
+    for job in range(4):
+        metrics = json.loads((tmp_path / "sweep" / str(job) / "metrics.json").read_text())
+        assert metrics["test/examples"] > 0
+    assert_entries_whole(tmp_path / ".cache" / "features")
