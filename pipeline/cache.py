@@ -123,7 +123,7 @@ class FeatureCache:
         for indices, batch in tqdm(images, total=total, desc=description, unit="batch"):
             if augmentation is not None:
                 batch = augmentation(batch, training=True)
-            features = keras.ops.convert_to_numpy(self.extractor(batch, training=False))
+            features = keras.ops.convert_to_numpy(self.extractor(batch, training=False)).astype("float32")
             for index, feature in zip(indices.numpy(), features):
                 atomic_write_bytes(entries[index], tf.io.serialize_tensor(feature).numpy())
 

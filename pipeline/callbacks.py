@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
+import h5py
 import keras
 
 from pipeline.files import atomic_path
@@ -120,3 +122,59 @@ class Checkpoint(keras.callbacks.Callback):
     def _save(self, name: str) -> None:
         with atomic_path(self.directory / name) as path:
             self.model.save(path)
+
+
+class ResumeState(keras.callbacks.Callback):
+    """Everything needed to continue a run exactly, saved after each epoch in one atomic file.
+
+    `epoch-0007.weights.h5` holds the model's weights, the optimizer's state (so its step count,
+    and with it the learning-rate schedule's position) and the random-generator states of layers
+    such as Dropout; the number in the name is the epoch to continue from. Written to a temporary
+    file and renamed, so a file that exists is complete. Epochs whose loss is not finite are not
+    saved. `restore` reads the newest file; `clear` removes the folder once the run has finished.
+
+    Args:
+        directory: where this run's state lives (the same for the same command).
+        save: False for non-chief workers of a multi-worker run, which only read.
+    """
+
+    def __init__(self, directory: str | Path, save: bool = True):
+        super().__init__()
+        self.directory = Path(directory)
+        self.save = save
+
+    def _states(self) -> list[Path]:
+        return sorted(self.directory.glob("epoch-*.weights.h5"))
+
+    def restore(self, model: keras.Model) -> int:
+        """Loads the newest saved state into `model`; returns the epoch to start from (0: none)."""
+        states = self._states()
+        if not states:
+            return 0
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(states[-1])
+        with h5py.File(states[-1], "r") as file:
+            for variable in _seed_states(model):
+                variable.assign(file["seed_generators"][variable.path.replace("/", "|")][()])
+        return int(states[-1].name.split("-")[1].split(".")[0])
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.save or not math.isfinite((logs or {}).get("loss", math.nan)):
+            return
+        with atomic_path(self.directory / f"epoch-{epoch + 1:04d}.weights.h5") as path:
+            self.model.save_weights(path)
+            with h5py.File(path, "a") as file:
+                group = file.create_group("seed_generators")
+                for variable in _seed_states(self.model):
+                    group[variable.path.replace("/", "|")] = keras.ops.convert_to_numpy(variable)
+        for old in self._states()[:-1]:
+            old.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        if self.save:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _seed_states(model: keras.Model) -> list:
+    """The state variables of the model's random generators (Dropout...), which save_weights skips."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]

@@ -9,7 +9,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image
@@ -258,27 +257,3 @@ def handle_bad_images(bad: list[tuple[str, str]], on_bad_image: str) -> None:
         )
     for path, reason in bad:
         log.warning("Skipping unreadable image %s: %s", path, reason)
-
-
-def load_images(
-    paths: list[str],
-    orientations: list[int],
-    image_size: tuple[int, int],
-    resizing: keras.layers.Layer | None = None,
-) -> tf.data.Dataset:
-    """Dataset of upright float32 RGB images in [0, 255], resized to `image_size`, in `paths` order.
-
-    Args:
-        paths: image files.
-        orientations: each file's EXIF orientation (`ImageFolder.orientations`).
-        image_size: `[height, width]`.
-        resizing: the resize layer (the exported model reuses the same one); default bilinear.
-    """
-    resizing = resizing or keras.layers.Resizing(*image_size, interpolation="bilinear")
-
-    def load(path, orientation):
-        return resizing(tf.cast(read_image(path, orientation), tf.float32))
-
-    return tf.data.Dataset.from_tensor_slices((tf_paths(paths), list(orientations))).map(
-        load, num_parallel_calls=tf.data.AUTOTUNE
-    )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -15,6 +16,7 @@ class Paths:
     data_dir: str = MISSING
     cache_dir: str = MISSING
     output_dir: str = MISSING
+    resume_dir: str = MISSING
 
 
 @dataclass
@@ -26,14 +28,22 @@ class TrainConfig:
     batch_size: int = 32
     image_size: list[int] = MISSING
     verbose: Any = "auto"
+    jit_compile: Any = "auto"
+    deterministic: bool = False
+    resume: bool = True
     optimized_metric: str = "validation/accuracy"
     paths: Paths = field(default_factory=Paths)
     backbone: Any = MISSING
     task: Any = MISSING
     dataset: Any = MISSING
     strategy: Any = MISSING
+    precision: Any = MISSING
     optimizer: Any = MISSING
     callbacks: Any = MISSING
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+# paths.resume_dir: the same command (the same overrides) finds the state it left when interrupted.
+OmegaConf.register_new_resolver(
+    "short_hash", lambda text: hashlib.sha256(str(text).encode()).hexdigest()[:16], replace=True
+)

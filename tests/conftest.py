@@ -28,6 +28,7 @@ def compose_config(overrides: list[str], tmp_path: Path) -> "omegaconf.DictConfi
             overrides=[
                 f"paths.root={tmp_path}",
                 f"paths.output_dir={tmp_path / 'run'}",
+                f"paths.resume_dir={tmp_path / 'resume'}",
                 *overrides,
             ],
         )

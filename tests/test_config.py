@@ -35,12 +35,27 @@ def test_backbone_builds_and_cuts_at_stride_32(backbone, tmp_path):
     assert not small.trainable_weights, "backbones are frozen by default"
 
 
-@pytest.mark.parametrize("option", GROUPS["strategy"])
+# Created at program start-up (they configure the runtime), so each in a fresh process; tpu needs a TPU.
+STARTUP_STRATEGIES = {"mirrored_cpu": 2, "multi_worker_mirrored": 1}
+
+
+@pytest.mark.parametrize("option", [o for o in GROUPS["strategy"] if o not in STARTUP_STRATEGIES and o != "tpu"])
 def test_strategy_instantiates(option, tmp_path):
     strategy = instantiate(compose_config([f"strategy={option}"], tmp_path).strategy)
     assert isinstance(strategy, tf.distribute.Strategy)
     with strategy.scope():
         keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+
+@pytest.mark.parametrize("option,replicas", STARTUP_STRATEGIES.items())
+def test_startup_strategy_instantiates_in_a_fresh_process(option, replicas, tmp_path):
+    script = (f"from tests.conftest import compose_config; from hydra.utils import instantiate; "
+              f"from pathlib import Path; print(instantiate(compose_config(['strategy={option}'], "
+              f"Path('{tmp_path}')).strategy).num_replicas_in_sync)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=CONF.parent, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(replicas)
 
 
 @pytest.mark.parametrize("option", GROUPS["optimizer"])

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
-from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, load_images
+from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, read_image, tf_paths
 from pipeline.layers import ImagePreprocessing
-from pipeline.reports import write_classification_reports
+from pipeline.reports import top_k_accuracy, write_classification_reports
 
 
 @dataclass
@@ -20,18 +22,50 @@ class TaskData:
     """The datasets `model.fit` and evaluation read, and the examples behind them.
 
     Args:
-        train: shuffled (input, label) batches.
+        train: `train(first_epoch, end_epoch)` gives the (input, label) batches of those epochs,
+            each epoch shuffled by a seed derived from its number, so a run resumed at epoch k sees
+            exactly the batches an uninterrupted run sees from epoch k on.
+        steps_per_epoch: batches per training epoch.
         validation: unshuffled batches in `splits["validation"]` order.
         test: unshuffled batches in `splits["test"]` order.
         splits: the readable examples of each split, in dataset order.
         skipped: (path, reason) of every unreadable image left out.
     """
 
-    train: tf.data.Dataset
+    train: Callable[[int, int], tf.data.Dataset]
+    steps_per_epoch: int
     validation: tf.data.Dataset
     test: tf.data.Dataset
     splits: dict[str, Split]
     skipped: list[tuple[str, str]]
+
+
+def epochs_of(examples: tf.data.Dataset, count: int, batch_size: int, seed: int,
+              load: Callable | None = None, augment: Callable | None = None,
+              ) -> tuple[Callable[[int, int], tf.data.Dataset], int]:
+    """`train(first, end)` over `examples`, reshuffled per epoch by `seed` and the epoch number.
+
+    Args:
+        examples: one epoch of unbatched training examples, in a fixed order.
+        count: how many there are.
+        batch_size: the global batch size.
+        seed: the run's seed.
+        load: applied to each example after the shuffle (decoding), in parallel.
+        augment: applied to each batch.
+    """
+
+    def one_epoch(epoch):
+        shuffled = examples.shuffle(count, seed=seed * 1_000_003 + epoch)
+        if load is not None:
+            shuffled = shuffled.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        batches = shuffled.batch(batch_size)
+        return batches.map(augment, num_parallel_calls=tf.data.AUTOTUNE) if augment else batches
+
+    def train(first_epoch: int, end_epoch: int) -> tf.data.Dataset:
+        epochs = tf.data.Dataset.range(first_epoch, end_epoch)
+        return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+    return train, math.ceil(count / batch_size)
 
 
 def build_head(
@@ -125,31 +159,40 @@ class ClassificationTask:
         return {name: split.without(unreadable) for name, split in splits.items()}, bad
 
     def datasets(self, batch_size: int) -> TaskData:
-        """Image datasets: decode, resize, batch, prefetch; shuffled and augmented for training."""
+        """Image datasets: decode, resize, batch, prefetch; shuffled and augmented for training.
+
+        The training split is shuffled as file names, before decoding, so the shuffle buffer holds
+        paths, not images.
+        """
         splits, skipped = self.readable_splits()
         check_splits(splits)
 
-        def images(split: Split) -> tf.data.Dataset:
+        def files(split: Split) -> tf.data.Dataset:
             paths = split.relative_paths
-            pixels = load_images(self.dataset.absolute(paths), self.dataset.orientations(paths),
-                                 self.image_size, self.resizing)
-            return tf.data.Dataset.zip(pixels, tf.data.Dataset.from_tensor_slices(split.labels))
+            return tf.data.Dataset.from_tensor_slices(
+                (tf_paths(self.dataset.absolute(paths)), self.dataset.orientations(paths), split.labels))
 
-        train = images(splits["train"]).shuffle(len(splits["train"]), seed=self.seed).batch(batch_size)
-        if self.augmentation is not None:
-            train = train.map(lambda x, y: (self.augmentation(x, training=True), y),
-                              num_parallel_calls=tf.data.AUTOTUNE)
-        return TaskData(
-            train=train.prefetch(tf.data.AUTOTUNE),
-            validation=images(splits["validation"]).batch(batch_size).prefetch(tf.data.AUTOTUNE),
-            test=images(splits["test"]).batch(batch_size).prefetch(tf.data.AUTOTUNE),
-            splits=splits,
-            skipped=skipped,
-        )
+        def load(path, orientation, label):
+            return self.resizing(tf.cast(read_image(path, orientation), tf.float32)), label
+
+        def unshuffled(split: Split) -> tf.data.Dataset:
+            batches = files(split).map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+            return batches.prefetch(tf.data.AUTOTUNE)
+
+        def augment(images, labels):
+            return self.augmentation(images, training=True), labels
+
+        train, steps = epochs_of(files(splits["train"]), len(splits["train"]), batch_size, self.seed,
+                                 load=load, augment=augment if self.augmentation is not None else None)
+        return TaskData(train=train, steps_per_epoch=steps, validation=unshuffled(splits["validation"]),
+                        test=unshuffled(splits["test"]), splits=splits, skipped=skipped)
 
     def evaluate(self, model: keras.Model, data: TaskData, output_dir: Path, tensorboard_dir: Path,
                  step: int) -> dict[str, float]:
-        """Validation metrics from `model.evaluate`; test reports from an unshuffled `model.predict`.
+        """Predicts validation and test in order and writes the reports of the test split.
+
+        Predictions are a plain loop of `model(batch)` on this process, so under a multi-worker
+        strategy the chief evaluates alone and the order always matches the labels.
 
         Args:
             model: the trained model, fed by `data`.
@@ -158,10 +201,16 @@ class ClassificationTask:
             tensorboard_dir: where the report images and scalars are logged.
             step: the TensorBoard step (the last epoch).
         """
-        validation = model.evaluate(data.validation, return_dict=True, verbose=0)
+        metrics = {}
+        for name in ("validation", "test"):
+            labels = data.splits[name].labels
+            probabilities = predict_in_order(model, getattr(data, name))
+            loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
+            k = min(5, self.num_classes)
+            metrics[name] = {f"{name}/loss": float(np.mean(loss)),
+                             f"{name}/accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
+                             f"{name}/top_{k}_accuracy": top_k_accuracy(labels, probabilities, k)}
         test = data.splits["test"]
-        probabilities = model.predict(data.test, verbose=0)
-        loss = keras.losses.sparse_categorical_crossentropy(test.labels, probabilities)
         return write_classification_reports(
             output_dir,
             class_names=self.dataset.class_names,
@@ -170,11 +219,8 @@ class ClassificationTask:
             relative_paths=test.relative_paths,
             image_paths=self.dataset.absolute(test.relative_paths),
             split="test",
-            extra_metrics={
-                **{f"validation/{name}": float(value) for name, value in validation.items()},
-                "test/loss": float(np.mean(keras.ops.convert_to_numpy(loss))),
-                "skipped_images": len(data.skipped),
-            },
+            extra_metrics={**metrics["validation"], "test/loss": metrics["test"]["test/loss"],
+                           "skipped_images": len(data.skipped)},
             tensorboard_dir=tensorboard_dir,
             step=step,
         )
@@ -183,6 +229,12 @@ class ClassificationTask:
         """The whole classifier on raw images: uint8 RGB of any size -> class probabilities."""
         inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
         return keras.Model(inputs, model(self.resizing(inputs)), name=model.name)
+
+
+def predict_in_order(model: keras.Model, batches: tf.data.Dataset) -> np.ndarray:
+    """Class probabilities for every example of an unshuffled dataset, in its order."""
+    return np.concatenate([keras.ops.convert_to_numpy(model(inputs, training=False))
+                           for inputs, _ in batches])
 
 
 def check_splits(splits: dict[str, Split]) -> None:

@@ -12,7 +12,7 @@ import tensorflow as tf
 from pipeline.backbones import unfreeze_top, weights_fingerprint
 from pipeline.cache import FeatureCache, feature_dataset
 from pipeline.data import Split, handle_bad_images
-from pipeline.tasks.classification import ClassificationTask, TaskData, check_splits
+from pipeline.tasks.classification import ClassificationTask, TaskData, check_splits, epochs_of
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class TransferTask(ClassificationTask):
             "preprocessing": self.backbone.preprocessing,
             "image_size": list(self.image_size),
             "resize": self.resizing.get_config()["interpolation"],
+            "dtype_policy": keras.mixed_precision.global_policy().name,
             "view": view,
         }
         return FeatureCache(self.cache_dir, self.extractor, key)
@@ -103,21 +104,17 @@ class TransferTask(ClassificationTask):
             train_entries += fill.entries
             train_labels = np.concatenate([train_labels, splits["train"].labels])
 
-        train = feature_dataset(train_entries, train_labels, feature_shape)
+        examples = feature_dataset(train_entries, train_labels, feature_shape)
         if self.cache_in_memory:
-            train = train.cache()
-        train = train.shuffle(len(train_entries), seed=self.seed).batch(batch_size)
+            examples = examples.cache()
+        train, steps = epochs_of(examples, len(train_entries), batch_size, self.seed)
 
         def unshuffled(name: str) -> tf.data.Dataset:
-            return feature_dataset(entries[name], splits[name].labels, feature_shape).batch(batch_size)
+            features = feature_dataset(entries[name], splits[name].labels, feature_shape)
+            return features.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-        return TaskData(
-            train=train.prefetch(tf.data.AUTOTUNE),
-            validation=unshuffled("validation").prefetch(tf.data.AUTOTUNE),
-            test=unshuffled("test").prefetch(tf.data.AUTOTUNE),
-            splits=splits,
-            skipped=skipped,
-        )
+        return TaskData(train=train, steps_per_epoch=steps, validation=unshuffled("validation"),
+                        test=unshuffled("test"), splits=splits, skipped=skipped)
 
     def _augmentation_config(self) -> str:
         return json.dumps([layer.get_config() for layer in self.augmentation.layers], sort_keys=True,
