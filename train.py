@@ -9,9 +9,12 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of logs
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import pipeline.schema  # noqa: F401  registers the types of conf/train.yaml's own keys
+from pipeline.sweeps import JobFailed
 
 log = logging.getLogger("train")
 
@@ -32,6 +35,8 @@ def main(cfg: DictConfig) -> float | None:
             error_file = "error.txt: could not be written"
         log.error("%s: %s\n(traceback in %s; no metrics.json: this run did not finish)",
                   type(error).__name__, error, error_file)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # in-process launchers: record it, go on with the next job
+            raise JobFailed(f"{type(error).__name__}: {error} (traceback in {error_file})") from error
         sys.exit(1)
     print(f"{summary(metrics)}\nreports: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)  # what sweepers (Optuna) maximise

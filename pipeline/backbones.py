@@ -100,7 +100,8 @@ class Backbone:
             raise RuntimeError(
                 f"Could not get ImageNet weights for backbone {self.name!r}: {error}\n"
                 "keras.applications downloads them, which needs a network. Offline, use "
-                "backbone=mobilenet_v1 (its weights ship in a pip package), "
+                "backbone=mobilenet_v1, mobilenet_v2_torchvision or efficientnet_lite0 (their "
+                "weights ship in pip packages), "
                 "backbone.weights=null for random initialisation, or "
                 "backbone.weights=/path/to/file.weights.h5."
             ) from error

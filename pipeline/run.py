@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.callbacks import ResumeState
 from pipeline.distribute import barrier, fix_keras_multi_worker_fit, is_chief
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, atomic_write_text
 from pipeline.reports import write_hparams, write_skipped_files
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return {}
     with atomic_path(output_dir / "model.keras") as path:
         task.export_model(model).save(path)
+    atomic_write_text(output_dir / "class_names.json", json.dumps(task.dataset.class_names))  # output order
     # Reports; metrics.json is written last of all, so a run folder that has it is a finished run.
     metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=history.epoch[-1] + 1
                             if history.epoch else cfg.epochs)

@@ -80,8 +80,11 @@ def test_task_instantiates_with_its_backbone_and_data(option, photo_folder, tmp_
 
 @pytest.mark.parametrize("option", GROUPS["dataset"])
 def test_dataset_instantiates(option, photo_folder, tmp_path):
-    cfg = compose_config([f"dataset={option}", f"dataset.root={photo_folder}"] if option == "folder"
-                         else [f"dataset={option}"], tmp_path)
+    from tests.test_segmentation_data import SEGMENTATION_DATASETS  # tiny VOC / SBD / COCO copies
+
+    overrides = ([f"dataset.root={photo_folder}"] if option == "folder"
+                 else SEGMENTATION_DATASETS[option](tmp_path) if option in SEGMENTATION_DATASETS else [])
+    cfg = compose_config([f"dataset={option}", *overrides], tmp_path)
     folder = instantiate(cfg.dataset)
     assert folder.num_classes >= 2
     assert all(len(split) for split in folder.splits.values())

@@ -1,0 +1,1 @@
+"""Offline weights into Keras: TF-Slim checkpoints and graphs (slim), PyTorch state dicts (pytorch), HED (hed)."""
