@@ -43,7 +43,7 @@ def assert_same_metrics(a, b, tolerance):
         assert abs(a[key] - b[key]) <= tolerance, (key, a[key], b[key])
 
 
-@pytest.mark.parametrize("task", ["transfer", "classification"])
+@pytest.mark.parametrize("task", ["transfer", pytest.param("classification", marks=pytest.mark.slow)])
 def test_mirrored_over_two_cpus_equals_one_device_for_the_same_global_batch(task, photo_folder, tmp_path):
     common = [*EXACT, f"task={task}", f"dataset.root={photo_folder}", "epochs=3"]
     if task == "classification":
@@ -112,7 +112,7 @@ def test_killed_run_resumes_at_its_last_epoch_and_ends_exactly_as_an_uninterrupt
     assert not list(resume_root.rglob("*.weights.h5")), "a finished run leaves nothing to resume"
 
 
-@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("precision", ["mixed_float16", pytest.param("mixed_bfloat16", marks=pytest.mark.slow)])
 def test_mixed_precision_trains_with_float32_outputs(precision, photo_folder, tmp_path):
     cfg = compose_config([*TINY, f"dataset.root={photo_folder}", f"precision={precision}", "jit_compile=true"],
                          tmp_path)
