@@ -2,14 +2,13 @@
 
 import logging
 import os
-import sys
-import traceback
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of logs
 
 import hydra
 from omegaconf import DictConfig
+
+from pipeline.cli import one_line_errors
 
 log = logging.getLogger("predict")
 
@@ -18,15 +17,8 @@ log = logging.getLogger("predict")
 def main(cfg: DictConfig) -> None:
     from pipeline.predict import format_table, predict  # imported here so `--help` and config errors come fast
 
-    try:
+    with one_line_errors(cfg.paths.output_dir, log):
         records = predict(cfg)
-    except Exception as error:  # one clear line for the user; the traceback goes to error.txt, as train.py
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        error_file = Path(cfg.paths.output_dir) / "error.txt"
-        error_file.write_text(traceback.format_exc())
-        log.error("%s: %s\n(traceback in %s)", type(error).__name__, error, error_file)
-        sys.exit(1)
     print(f"{format_table(records)}\npredictions: {cfg.paths.output_dir}/predictions.json")
 
 

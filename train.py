@@ -2,19 +2,14 @@
 
 import logging
 import os
-import sys
-import traceback
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of logs
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import pipeline.schema  # noqa: F401  registers the types of conf/train.yaml's own keys
-from pipeline.sweeps import JobFailed
+from pipeline.cli import one_line_errors
 
 log = logging.getLogger("train")
 
@@ -23,22 +18,10 @@ log = logging.getLogger("train")
 def main(cfg: DictConfig) -> float | None:
     from pipeline.run import summary, train  # imported here so `--help` and config errors come fast
 
-    try:
+    with one_line_errors(cfg.paths.output_dir, log, "; no metrics.json: this run did not finish"):
         metrics = train(cfg)
-    except Exception as error:  # one clear line for the user; the traceback goes to error.txt
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        error_file = Path(cfg.paths.output_dir) / "error.txt"
-        try:
-            error_file.write_text(traceback.format_exc())
-        except OSError:  # the disk may be the problem
-            error_file = "error.txt: could not be written"
-        log.error("%s: %s\n(traceback in %s; no metrics.json: this run did not finish)",
-                  type(error).__name__, error, error_file)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # in-process launchers: record it, go on with the next job
-            raise JobFailed(f"{type(error).__name__}: {error} (traceback in {error_file})") from error
-        sys.exit(1)
-    print(f"{summary(metrics)}\nreports: {cfg.paths.output_dir}")
+    if metrics:  # a non-chief worker of a multi-worker run writes no reports
+        print(f"{summary(metrics)}\nreports: {cfg.paths.output_dir}")
     return metrics.get(cfg.optimized_metric)  # what sweepers (Optuna) maximise
 
 

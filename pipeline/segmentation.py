@@ -454,6 +454,14 @@ class COCOSegmentation(SegmentationData):
     def prepare(self) -> None:
         """Renders every mask that is not in the cache yet (atomic per file), and the mapping."""
         for annotation_file, (coco, mask_dir) in self._cocos.items():
+            used = {annotation["category_id"] for annotation in coco.dataset.get("annotations", [])}
+            unknown = sorted(used - set(self.class_of_category))
+            if unknown:
+                raise ValueError(
+                    f"{annotation_file}: annotations use category ids {unknown}, which its "
+                    "'categories' list does not define. Add them to 'categories' or remove those "
+                    "annotations."
+                )
             atomic_write_text(mask_dir / "class_mapping.json", json.dumps(self.class_table(), indent=1) + "\n")
             todo = [image_id for image_id in sorted(coco.getImgIds())
                     if not (mask_dir / f"{image_id}.png").is_file()]
