@@ -34,7 +34,8 @@ from google.protobuf.message import DecodeError
 from tensorflow.python.framework import tensor_util
 
 from pipeline.files import sha256_file
-from pipeline.importers.convert import assign_all, cache_paths, convert_classifier, save_weights_atomically
+from pipeline.importers.convert import (assign_all, cache_paths, convert_classifier, report_problems,
+                                       save_weights_atomically)
 from pipeline.importers.packaged import packaged_file
 
 logger = logging.getLogger(__name__)
@@ -189,15 +190,8 @@ def assign_slim_mobilenet_v1(
     if not values and not problems:
         problems.append("the model has no weights to fill")
 
-    if problems:
-        shown = "\n  ".join(problems[:12])
-        if len(problems) > 12:
-            shown += f"\n  ... and {len(problems) - 12} more"
-        raise ValueError(
-            f"Cannot map the TF-Slim graph onto Keras {model.name!r} ({len(problems)} problems):\n  {shown}\n"
-            f"Expected a TF-Slim mobilenet_v1_1.0_224 graph and "
-            f"keras.applications.MobileNet(alpha=1.0, depth_multiplier=1, weights=None)."
-        )
+    report_problems(problems, model, "a TF-Slim mobilenet_v1_1.0_224 graph and "
+                    "keras.applications.MobileNet(alpha=1.0, depth_multiplier=1, weights=None)")
     for variable in model.weights:
         variable.assign(values[variable.path])
 
