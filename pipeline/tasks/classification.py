@@ -28,7 +28,8 @@ class TaskData:
         steps_per_epoch: batches per training epoch.
         validation: unshuffled batches in `splits["validation"]` order.
         test: unshuffled batches in `splits["test"]` order.
-        splits: the readable examples of each split, in dataset order.
+        splits: the readable examples of each split, in dataset order (`Split`, or
+            `pipeline.segmentation.SegmentationSplit` for segmentation).
         skipped: (path, reason) of every unreadable image left out.
     """
 
@@ -36,7 +37,7 @@ class TaskData:
     steps_per_epoch: int
     validation: tf.data.Dataset
     test: tf.data.Dataset
-    splits: dict[str, Split]
+    splits: dict
     skipped: list[tuple[str, str]]
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
@@ -21,35 +19,13 @@ from pipeline.segmentation import (IGNORE_LABEL, JointAugmentation, Segmentation
                                    fit_pair, load_pair, pair_dataset)
 from pipeline.segmentation_metrics import PixelAccuracy, confusion_histogram
 from pipeline.segmentation_reports import write_segmentation_reports
+from pipeline.tasks.classification import TaskData
 from pipeline.upsampling import bilinear_upsampling_layer
 
 log = logging.getLogger(__name__)
 
 STRIDE = 32
 LAYER_KEYS = {"name", "filters", "kernel_size", "dropout_rate", "initialize_from"}
-
-
-@dataclass
-class SegmentationTaskData:
-    """What `model.fit` and evaluation read.
-
-    Args:
-        train: `train(first_epoch, end_epoch)` gives the (image, labels) batches of those epochs;
-            each epoch's shuffle and augmentation come from seeds derived from its number, so a
-            resumed run sees the batches an uninterrupted one would.
-        steps_per_epoch: batches per training epoch.
-        validation: (image, labels) at the original size, batch 1, in split order.
-        test: (image, labels) at the original size, batch 1, in split order.
-        splits: the readable examples of each split.
-        skipped: (path, reason) of every unreadable image left out.
-    """
-
-    train: Callable[[int, int], tf.data.Dataset]
-    steps_per_epoch: int
-    validation: tf.data.Dataset
-    test: tf.data.Dataset
-    splits: dict[str, SegmentationSplit]
-    skipped: list[tuple[str, str]]
 
 
 class FCN32Task:
@@ -183,7 +159,7 @@ class FCN32Task:
             log.info("%s initialised from %s's %s.", spec["name"], self.backbone.name, spec["initialize_from"])
         del classifier
 
-    def datasets(self, batch_size: int) -> SegmentationTaskData:
+    def datasets(self, batch_size: int) -> TaskData:
         """Training, validation and test data; masks checked first (a bad value stops the run).
 
         Training batches are fit to `image_size` and augmented (or, with `original_size`, one image
@@ -224,7 +200,7 @@ class FCN32Task:
             pairs = pair_dataset(split, self.num_classes).map(as_labels, num_parallel_calls=tf.data.AUTOTUNE)
             return pairs.batch(1).prefetch(tf.data.AUTOTUNE)
 
-        return SegmentationTaskData(
+        return TaskData(
             train=train,
             steps_per_epoch=math.ceil(len(train_split) / batch_size),
             validation=evaluation(splits["validation"]),
@@ -233,7 +209,7 @@ class FCN32Task:
             skipped=skipped,
         )
 
-    def evaluate(self, model: keras.Model, data: SegmentationTaskData, output_dir: Path, tensorboard_dir: Path,
+    def evaluate(self, model: keras.Model, data: TaskData, output_dir: Path, tensorboard_dir: Path,
                  step: int) -> dict[str, float]:
         """Validation from `model.evaluate`; test scored at the original resolution, with reports.
 
