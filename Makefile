@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all clean gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements-weights.txt
@@ -23,5 +23,12 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m ""
 
+# Wheels the GPU machine lacks (it has JAX, no TensorFlow, no Keras): bench/gpu_throughput.py says how to use them.
+gpu-wheels: setup
+	$(PY) -m pip wheel -q -w .gpu-wheels --no-deps keras==3.15.1 hydra-core==1.3.8 omegaconf==2.3.1 \
+		antlr4-python3-runtime==4.9.3 namex
+	$(PY) -m pip download -q -d .gpu-wheels --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 optree
+
 clean:
-	rm -rf $(VENV) .cache outputs multirun
+	rm -rf $(VENV) .cache outputs multirun .gpu-wheels

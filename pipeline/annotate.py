@@ -30,12 +30,13 @@ from pipeline.files import atomic_path, atomic_write_bytes, atomic_write_text
 from pipeline.imagenet import NUM_CLASSES, imagenet_class_names, short_name
 from pipeline.importers.convert import copy_matching_layers
 from pipeline.layers import ImagePreprocessing
+from pipeline.models import STRIDE
 from pipeline.predict import find_images
 from pipeline.reports import render_png
 
 log = logging.getLogger(__name__)
 
-STRIDE = 32  # pixels per cell of the feature map every backbone here is cut at
+
 _SKIPPED = (keras.layers.Dropout, keras.layers.Reshape, keras.layers.InputLayer)
 
 

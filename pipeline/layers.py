@@ -62,7 +62,7 @@ class PadToMultiple(keras.layers.Layer):
     FCN-32s sees any image size: padded to a multiple of 32, every feature cell covers a whole
     32 x 32 block, and `CropOrPad` takes the upsampled output back to the input size by keeping its
     top-left part. `offset` moves the image so that the feature cells' centres fall where the
-    bilinear upsampling expects them (`pipeline.tasks.fcn32.alignment_offset`): 0 for VGG16, 16 for
+    bilinear upsampling expects them (`pipeline.models.alignment_offset`): 0 for VGG16, 16 for
     MobileNet. Zero is the value after preprocessing (the mean colour for caffe preprocessing, mid
     grey for tf), as in the FCN reference's zero padding.
 

@@ -17,7 +17,7 @@ from pipeline.layers import CropOrPad, PadToMultiple
 from pipeline.run import train
 from pipeline.segmentation import read_mask
 from pipeline.segmentation_metrics import confusion_histogram, segmentation_scores
-from pipeline.tasks.fcn32 import classifier_kernel
+from pipeline.models import classifier_kernel
 from tests.conftest import CONF, compose_config
 from tests.test_segmentation_data import write_coco_folder, write_voc_folder
 

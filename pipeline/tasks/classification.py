@@ -14,6 +14,7 @@ import tensorflow as tf
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, read_image, tf_paths
 from pipeline.layers import ImagePreprocessing
+from pipeline.models import classification_head
 from pipeline.reports import top_k_accuracy, write_classification_reports
 
 
@@ -69,20 +70,6 @@ def epochs_of(examples: tf.data.Dataset, count: int, batch_size: int, seed: int,
     return train, math.ceil(count / batch_size)
 
 
-def build_head(
-    feature_shape: tuple[int, ...], num_classes: int, dropout_rate: float, pooling: str
-) -> keras.Model:
-    """Pooling, dropout and a softmax dense layer (in float32, also under mixed precision)."""
-    pools = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
-    if pooling not in pools:
-        raise ValueError(f"task.pooling must be 'avg' or 'max'; got {pooling!r}.")
-    features = keras.Input(feature_shape, name="features")
-    x = pools[pooling](name="pool")(features)
-    x = keras.layers.Dropout(dropout_rate, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
-    return keras.Model(features, outputs, name="head")
-
-
 class ClassificationTask:
     """Backbone and head trained together on images.
 
@@ -132,7 +119,7 @@ class ClassificationTask:
         return ["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k, name=f"top_{k}_accuracy")]
 
     def head(self, feature_shape: tuple[int, ...]) -> keras.Model:
-        return build_head(feature_shape, self.num_classes, self.dropout_rate, self.pooling)
+        return classification_head(feature_shape, self.num_classes, self.dropout_rate, self.pooling)
 
     def classifier(self, base: keras.Model, head: keras.Model) -> keras.Model:
         """Float RGB images at `image_size` -> class probabilities."""
