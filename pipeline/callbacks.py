@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -113,15 +114,20 @@ class Checkpoint(keras.callbacks.Callback):
         logs = logs or {}
         if not math.isfinite(logs.get("loss", math.nan)):
             return
-        self._save("last.keras")
+        last = self.directory / "last.keras"
+        with atomic_path(last) as path:
+            self.model.save(path)
         value = logs.get(self.monitor)
         if value is not None and math.isfinite(value) and self.sign * value < self.best:
             self.best = self.sign * value
-            self._save("best.keras")
-
-    def _save(self, name: str) -> None:
-        with atomic_path(self.directory / name) as path:
-            self.model.save(path)
+            with atomic_path(self.directory / "best.keras") as path:
+                # The same bytes as last.keras: a second link costs nothing, a second save as much
+                # as the first. last.keras is always replaced by rename, so the link keeps this epoch.
+                path.unlink()
+                try:
+                    os.link(last, path)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(last, path)
 
 
 class ResumeState(keras.callbacks.Callback):

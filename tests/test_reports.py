@@ -314,3 +314,26 @@ def test_fit_writes_images_per_second_and_learning_rate(tmp_path):
     logged = [float(row[header.index("learning_rate")]) for row in rows[1:]]
     np.testing.assert_allclose(logged, learning_rates)
     assert len(history.history["images_per_second"]) == 2
+
+
+def test_checkpoint_keeps_best_at_its_epoch_while_last_moves_on(tmp_path):
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="dense")(inputs))
+    model.compile("sgd", "mse")
+    checkpoint = callbacks.Checkpoint(str(tmp_path), monitor="val_loss")
+    checkpoint.set_model(model)
+
+    def epoch(val_loss: float, bias: float) -> None:
+        model.get_layer("dense").bias.assign([bias])
+        checkpoint.on_epoch_end(0, {"loss": 1.0, "val_loss": val_loss})
+
+    def saved_bias(name: str) -> float:
+        loaded = keras.saving.load_model(tmp_path / name)
+        return float(keras.ops.convert_to_numpy(loaded.get_layer("dense").bias)[0])
+
+    epoch(val_loss=0.5, bias=1.0)
+    epoch(val_loss=0.2, bias=2.0)  # the best epoch
+    epoch(val_loss=0.9, bias=3.0)
+    assert saved_bias("last.keras") == 3.0
+    assert saved_bias("best.keras") == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras", "last.keras"]  # no temporary left

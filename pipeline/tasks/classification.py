@@ -179,8 +179,8 @@ class ClassificationTask:
                  step: int) -> dict[str, float]:
         """Predicts validation and test in order and writes the reports of the test split.
 
-        Predictions are a plain loop of `model(batch)` on this process, so under a multi-worker
-        strategy the chief evaluates alone and the order always matches the labels.
+        Predictions are a loop over the batches on this process, so under a multi-worker strategy
+        the chief evaluates alone and the order always matches the labels.
 
         Args:
             model: the trained model, fed by `data`.
@@ -190,9 +190,12 @@ class ClassificationTask:
             step: the TensorBoard step (the last epoch).
         """
         metrics = {}
+        # A graph, not `model.predict`: under a multi-worker strategy the chief predicts alone, and
+        # `predict` would wait for the other workers. Eager calls would cost 3x more.
+        predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
         for name in ("validation", "test"):
             labels = data.splits[name].labels
-            probabilities = predict_in_order(model, getattr(data, name))
+            probabilities = np.concatenate([predict(inputs).numpy() for inputs, _ in getattr(data, name)])
             loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
             k = min(5, self.num_classes)
             metrics[name] = {f"{name}/loss": float(np.mean(loss)),
@@ -217,16 +220,6 @@ class ClassificationTask:
         """The whole classifier on raw images: uint8 RGB of any size -> class probabilities."""
         inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
         return keras.Model(inputs, model(self.resizing(inputs)), name=model.name)
-
-
-def predict_in_order(model: keras.Model, batches: tf.data.Dataset) -> np.ndarray:
-    """Class probabilities for every example of an unshuffled dataset, in its order.
-
-    A `tf.function` rather than `model.predict`: under a multi-worker strategy the chief predicts
-    alone, and `predict` would wait for the other workers. A graph, since eager calls cost 3x more.
-    """
-    predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
-    return np.concatenate([predict(inputs).numpy() for inputs, _ in batches])
 
 
 def check_splits(splits: dict[str, Split]) -> None:
