@@ -87,7 +87,7 @@ def keras_io_run(data: Path, weights: str, epochs: int, batch_size: int) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--images", type=int, default=456, help="of the demo set (456: all of it)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)

@@ -50,6 +50,7 @@ class FeatureCache:
     def __init__(self, directory: str | Path, extractor: keras.Model, key: dict):
         self.extractor = extractor
         self.key = key
+        self._extract = {}  # augmentation (or None) -> compiled extractor
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.directory = Path(directory) / digest[:32]
         manifest = self.directory / "key.json"
@@ -108,6 +109,24 @@ class FeatureCache:
             bad=bad, hits=hits, misses=len(paths) - hits,
         )
 
+    def _extract_function(self, augmentation: keras.layers.Layer | None):
+        """The extractor (after `augmentation`) as a graph, traced once per cache and augmentation.
+
+        A graph because eager calls of the base cost 3x more on CPU; any batch size, so the last,
+        smaller batch and every split reuse the one trace.
+        """
+        if augmentation not in self._extract:
+            spec = tf.TensorSpec((None, *self.extractor.input_shape[1:]), tf.float32)
+
+            @tf.function(input_signature=[spec])
+            def extract(batch):
+                if augmentation is not None:
+                    batch = augmentation(batch, training=True)
+                return tf.cast(self.extractor(batch, training=False), tf.float32)
+
+            self._extract[augmentation] = extract
+        return self._extract[augmentation]
+
     def _compute(self, paths, orientations, entries, batch_size, resizing, augmentation, description):
         def load(index, path, orientation):
             return index, resizing(tf.cast(read_image(path, orientation), tf.float32))
@@ -119,13 +138,7 @@ class FeatureCache:
             .batch(batch_size)
             .prefetch(tf.data.AUTOTUNE)
         )
-
-        @tf.function(reduce_retracing=True)  # a graph: eager calls of the base cost 3x more on CPU
-        def extract(batch):
-            if augmentation is not None:
-                batch = augmentation(batch, training=True)
-            return tf.cast(self.extractor(batch, training=False), tf.float32)
-
+        extract = self._extract_function(augmentation)
         total = math.ceil(len(paths) / batch_size)
         for indices, batch in tqdm(images, total=total, desc=description, unit="batch"):
             features = extract(batch).numpy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import tensorflow as tf
 
 
@@ -42,7 +44,8 @@ def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
     )
 
 
-def fix_keras_multi_worker_fit(model, strategy: tf.distribute.Strategy, batches: tf.data.Dataset) -> None:
+def fix_keras_multi_worker_fit(model, strategy: tf.distribute.Strategy,
+                               train: Callable[[int, int], tf.data.Dataset]) -> None:
     """Lets `model.fit` run under MultiWorkerMirroredStrategy, which Keras 3 breaks in two places.
 
     Keras 3 (checked up to 3.15) fails on several workers (keras-team/keras#20585,
@@ -55,7 +58,8 @@ def fix_keras_multi_worker_fit(model, strategy: tf.distribute.Strategy, batches:
     Args:
         model: the compiled model, built in `strategy.scope()`.
         strategy: the run's strategy.
-        batches: the training batches; the first one builds the model.
+        train: the task's `TaskData.train`; the first batch builds the model. Called only in
+            multi-worker mode: building the dataset costs up to a second.
     """
     if not in_multi_worker_mode(strategy):
         return
@@ -72,5 +76,5 @@ def fix_keras_multi_worker_fit(model, strategy: tf.distribute.Strategy, batches:
         reduce_per_replica.multi_worker_fixed = True
         trainer.reduce_per_replica = reduce_per_replica
     with strategy.scope():
-        model._symbolic_build(data_batch=next(iter(batches)))
+        model._symbolic_build(data_batch=next(iter(train(0, 1))))
     model._maybe_symbolic_build = lambda *args, **kwargs: None

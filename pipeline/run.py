@@ -109,7 +109,7 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
         if first_epoch:
             log.info("Resuming %s training at epoch %d from %s", phase, first_epoch + 1, resume.directory)
         callbacks = [*callbacks, resume]
-    fix_keras_multi_worker_fit(model, strategy, data.train(0, 1))
+    fix_keras_multi_worker_fit(model, strategy, data.train)
     history = model.fit(data.train(first_epoch, end_epoch), steps_per_epoch=data.steps_per_epoch,
                         validation_data=data.validation, initial_epoch=first_epoch, epochs=end_epoch,
                         callbacks=callbacks, verbose=cfg.verbose,
