@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,19 +31,9 @@ from pipeline.data import decode_image  # noqa: E402
 from pipeline.demo import ensure_demo_folder  # noqa: E402
 from pipeline.layers import ImagePreprocessing  # noqa: E402
 from pipeline.run import train  # noqa: E402
+from common import machine, subset  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def subset(source: str, target: Path, images: int) -> Path:
-    """The first `images` files of the demo set, spread evenly over its classes."""
-    classes = sorted(p for p in Path(source).iterdir() if p.is_dir())
-    for number, folder in enumerate(classes):
-        share = images // len(classes) + (number < images % len(classes))
-        (target / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:share]:
-            shutil.copy(path, target / folder.name / path.name)
-    return target
 
 
 def pipeline_run(data: Path, work: Path, epochs: int, batch_size: int, run: str) -> float:
@@ -109,8 +98,7 @@ def main() -> None:
     baseline = statistics.median(times["keras-io (base every epoch)"])
     print(f"# transfer learning: {args.images} images, {args.epochs} epochs, batch {args.batch_size}, "
           f"MobileNet v1 224x224, median of {args.repeats}")
-    print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs | python {platform.python_version()} "
-          f"| tensorflow {tf.__version__} | keras {keras.__version__}")
+    print(machine(tensorflow=tf.__version__, keras=keras.__version__))
     print("| run | median wall time (s) | all runs (s) | speed-up vs keras-io |")
     print("|---|---|---|---|")
     for name, values in times.items():

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,7 @@ def main() -> None:
     versions = next((r for r in rows if "keras" in r), {})
     print(f"# x{FACTOR} bilinear upsampling of a 1x{args.size}x{args.size}xC score map to "
           f"{args.size * FACTOR}x{args.size * FACTOR}, median of {args.repeats} compiled calls, one process per case")
-    print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs | python {platform.python_version()} | "
-          f"tensorflow {versions.get('tensorflow')} | keras {versions.get('keras')}")
+    print(machine(tensorflow=versions.get("tensorflow"), keras=versions.get("keras")))
     print("| classes | form | weight bytes | memory added (MiB) | time (ms) | time vs resize |")
     print("|---|---|---|---|---|---|")
     for classes in args.classes:

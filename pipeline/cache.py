@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import logging
@@ -144,6 +147,26 @@ class FeatureCache:
             features = extract(batch).numpy()
             for index, feature in zip(indices.numpy(), features):
                 atomic_write_bytes(entries[index], tf.io.serialize_tensor(feature).numpy())
+            del features, batch
+            _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Gives the memory of freed batches back to the system (glibc only; elsewhere a no-op).
+
+    glibc's malloc keeps freed blocks in its arenas for reuse, so without this the resident memory
+    of a caching run creeps up over its first batches (bench/cache_memory.py: 2.15x from 40 to 400
+    images, against 1.2x with it) although only one batch is alive at a time.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    libc = ctypes.util.find_library("c")  # runs ldconfig: once per process
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
 
 
 def feature_dataset(entries: list[Path], labels: np.ndarray, feature_shape: tuple[int, ...]) -> tf.data.Dataset:

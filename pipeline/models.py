@@ -33,7 +33,7 @@ def fcn32s(
     num_classes: int,
     preprocessing: str,
     classifier_layers: list[dict] = (),
-    upsampling: str = "per_class",
+    upsampling: str = "auto",
     trainable_upsampling: bool = False,
     score_initializer: str = "zeros",
     frozen_statistics: bool = True,
@@ -51,7 +51,8 @@ def fcn32s(
         preprocessing: the `ImagePreprocessing` mode of the base's weights.
         classifier_layers: convolutions before the class scores, each a dict with `name`,
             `filters`, `kernel_size` and `dropout_rate`.
-        upsampling: "per_class" (k*k*C weights) or "dense" (the reference's k*k*C*C kernel).
+        upsampling: "auto", "per_class" (k*k*C weights) or "dense" (the reference's k*k*C*C
+            kernel); see `pipeline.upsampling.bilinear_upsampling_layer`.
         trainable_upsampling: learn the bilinear kernel (the reference keeps it fixed).
         score_initializer: initializer of the 1x1 class-score convolution.
         frozen_statistics: call the base with `training=False`, so pretrained BatchNorm statistics

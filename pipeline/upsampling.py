@@ -169,8 +169,11 @@ class BilinearUpsampling(keras.layers.Layer):
         return {**super().get_config(), "factor": self.factor}
 
 
+AUTO_DENSE_LIMIT_BYTES = 16 << 20  # "auto" takes the dense kernel up to this size: 32 classes at f = 32
+
+
 def bilinear_upsampling_layer(
-    factor: int, num_classes: int, form: str = "per_class", trainable: bool = False,
+    factor: int, num_classes: int, form: str = "auto", trainable: bool = False,
     name: str | None = None, dtype: str | None = None,
 ) -> keras.layers.Layer:
     """The bilinear x`factor` upsampling layer in the chosen form.
@@ -178,12 +181,17 @@ def bilinear_upsampling_layer(
     Args:
         factor: stride f; the kernel is 2f - f % 2 wide.
         num_classes: channels C (the class scores).
-        form: "per_class" (`BilinearUpsampling`, k*k*C weights) or "dense" (a class-diagonal
-            `Conv2DTranspose`, k*k*C*C weights, the FCN reference's form). Same output.
+        form: "per_class" (`BilinearUpsampling`, k*k*C weights), "dense" (a class-diagonal
+            `Conv2DTranspose`, k*k*C*C weights, the FCN reference's form), or "auto": dense while
+            its float32 kernel fits in 16 MiB (up to 32 classes at f = 32), per-class beyond. Same
+            output; on CPU a training step through the dense kernel is faster (bench/fcn_step.py).
         trainable: learn the kernel, or keep it bilinear (the reference keeps it fixed).
         name: layer name.
         dtype: layer dtype policy (float32 keeps the scores exact under mixed precision).
     """
+    if form == "auto":
+        dense_bytes = dense_kernel_weights(factor, num_classes) * 4
+        form = "dense" if dense_bytes <= AUTO_DENSE_LIMIT_BYTES else "per_class"
     if form == "per_class":
         return BilinearUpsampling(factor, trainable=trainable, name=name, dtype=dtype)
     if form == "dense":
@@ -191,4 +199,4 @@ def bilinear_upsampling_layer(
             num_classes, bilinear_kernel_size(factor), strides=factor, padding="same", use_bias=False,
             kernel_initializer=BilinearInitializer(), trainable=trainable, name=name, dtype=dtype,
         )
-    raise ValueError(f"task.upsampling must be 'per_class' or 'dense'; got {form!r}.")
+    raise ValueError(f"task.upsampling must be 'auto', 'per_class' or 'dense'; got {form!r}.")

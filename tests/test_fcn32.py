@@ -32,7 +32,7 @@ def build(tmp_path, *overrides):
 
 
 def test_output_has_the_input_size_for_any_size_and_the_export_loads_safely(tmp_path):
-    task = build(tmp_path)
+    task = build(tmp_path, "task.upsampling=per_class")
     model = task.build_model()
     assert model.get_layer("upsample_32x").count_params() == 64 * 64 * 21, "per class: k * k * C"
     assert not model.get_layer("upsample_32x").trainable_weights, "fixed bilinear by default"

@@ -113,3 +113,9 @@ def test_same_output_under_the_jax_backend():
     result = subprocess.run([sys.executable, "-c", code], cwd=CONF.parent, capture_output=True, text=True,
                             env={**__import__("os").environ, "KERAS_BACKEND": "jax"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_auto_takes_the_dense_kernel_only_while_it_fits_in_16_mib():
+    for classes, form in ((21, keras.layers.Conv2DTranspose), (32, keras.layers.Conv2DTranspose),
+                          (33, BilinearUpsampling), (1000, BilinearUpsampling)):
+        assert type(bilinear_upsampling_layer(32, classes)) is form, classes

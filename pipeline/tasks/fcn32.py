@@ -41,8 +41,9 @@ class FCN32Task:
             `name`, `filters`, `kernel_size`, `dropout_rate` (default 0.5) and optionally
             `initialize_from`: the layer of the backbone's ImageNet classifier whose weights it takes
             (a Dense kernel is reshaped into the convolution: VGG16's fc1 -> 7x7 fc6).
-        upsampling: "per_class" (one bilinear kernel per class, k*k*C weights) or "dense" (the
-            reference's class-diagonal Conv2DTranspose, k*k*C*C weights); same output.
+        upsampling: "per_class" (one bilinear kernel per class, k*k*C weights), "dense" (the
+            reference's class-diagonal Conv2DTranspose, k*k*C*C weights), or "auto" (dense while
+            its kernel fits in 16 MiB, i.e. up to 32 classes; faster to train on CPU); same output.
         trainable_upsampling: learn the upsampling kernel (the reference keeps it fixed).
         trainable_layers: layers of the base to train from the top: 0 frozen, -1 all.
         score_initializer: initializer of the 1x1 class-score convolution (the reference: zeros).
@@ -61,7 +62,7 @@ class FCN32Task:
         dataset: SegmentationData,
         image_size: list[int],
         classifier_layers: list[dict] | None = None,
-        upsampling: str = "per_class",
+        upsampling: str = "auto",
         trainable_upsampling: bool = False,
         trainable_layers: int = 0,
         score_initializer: str = "zeros",
@@ -70,8 +71,8 @@ class FCN32Task:
         overlay_images: int = 6,
         seed: int = 0,
     ):
-        if upsampling not in ("per_class", "dense"):
-            raise ValueError(f"task.upsampling must be 'per_class' or 'dense'; got {upsampling!r}.")
+        if upsampling not in ("auto", "per_class", "dense"):
+            raise ValueError(f"task.upsampling must be 'auto', 'per_class' or 'dense'; got {upsampling!r}.")
         self.backbone = backbone
         self.dataset = dataset
         self.image_size = tuple(image_size)

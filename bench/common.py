@@ -1,0 +1,40 @@
+"""What the benchmarks share: a subset of a folder-per-class image set, and the machine line of a table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+
+
+def subset(source: str | Path, target: Path, images: int, extensions: tuple[str, ...] | None = None) -> Path:
+    """Copies `images` files of a folder-per-class set into `target`, taking one from each class in turn.
+
+    Args:
+        source: the set, e.g. the embedded demo photos (`pipeline.demo.ensure_demo_folder`).
+        target: the new folder.
+        images: how many files to copy.
+        extensions: only files with these suffixes (lower case, with the dot); None: all files.
+    """
+    classes = [sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                      and (extensions is None or p.suffix.lower() in extensions))
+               for folder in sorted(p for p in Path(source).iterdir() if p.is_dir())]
+    order = [files[rank] for rank in range(max(map(len, classes))) for files in classes if rank < len(files)]
+    if len(order) < images:
+        raise ValueError(f"{source} holds {len(order)} such images; ask for at most that many with --images.")
+    for path in order[:images]:
+        (target / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.parent.name / path.name)
+    return target
+
+
+def machine(**versions: str) -> str:
+    """`# host x86_64 2 CPUs | python 3.11.7 | tensorflow 2.21.0 | keras 3.15.1`: the table's second line.
+
+    Args:
+        **versions: package name -> version, in the order to print.
+    """
+    packages = "".join(f" | {name} {version}" for name, version in versions.items())
+    return (f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs | python {platform.python_version()}"
+            f"{packages}")
