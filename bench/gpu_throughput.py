@@ -42,8 +42,9 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline.models import classification_head, fcn32s  # noqa: E402
 
-VGG16_FC = [{"name": "fc6", "filters": 4096, "kernel_size": 7, "dropout_rate": 0.5},
-            {"name": "fc7", "filters": 4096, "kernel_size": 1, "dropout_rate": 0.5}]
+# The reference recipe's convolutionalised fc6/fc7, as the VOC experiment states them.
+VGG16_FC = OmegaConf.to_container(
+    OmegaConf.load(ROOT / "conf" / "experiment" / "voc_fcn32s_vgg16.yaml").task.classifier_layers)
 
 
 def backbone(name: str):

@@ -147,7 +147,7 @@ class FeatureCache:
             features = extract(tf.cast(batch, tf.float32)).numpy()  # resized in float16 under mixed_float16
             for index, feature in zip(indices.numpy(), features):
                 atomic_write_bytes(entries[index], tf.io.serialize_tensor(feature).numpy())
-            del features, batch
+            del features, batch  # freed before the trim, not when the next batch replaces them
             _return_freed_memory()
 
 

@@ -28,6 +28,7 @@ def classification_head(
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(features, outputs, name="head")
 
+
 def fcn32s(
     base: keras.Model,
     num_classes: int,
