@@ -143,7 +143,8 @@ class FeatureCache:
         )
         extract = self._extract_function(augmentation)
         total = math.ceil(len(paths) / batch_size)
-        for indices, batch in tqdm(images, total=total, desc=description, unit="batch"):
+        # disable=None: no progress bar when stderr is not a terminal (a log file gets the summary line).
+        for indices, batch in tqdm(images, total=total, desc=description, unit="batch", disable=None):
             features = extract(tf.cast(batch, tf.float32)).numpy()  # resized in float16 under mixed_float16
             for index, feature in zip(indices.numpy(), features):
                 atomic_write_bytes(entries[index], tf.io.serialize_tensor(feature).numpy())

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.callbacks import ResumeState
+from pipeline.checks import check_train_config
+from pipeline.cli import progress_verbosity
 from pipeline.distribute import barrier, fix_keras_multi_worker_fit, is_chief
 from pipeline.files import atomic_path, atomic_write_text
 from pipeline.reports import write_hparams, write_skipped_files
@@ -34,7 +37,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The metrics also written to `metrics.json` (empty on non-chief workers).
     """
-    strategy = instantiate(cfg.strategy)  # first: multi-worker and logical-CPU set-ups need a fresh runtime
+    check_train_config(cfg)  # cheap; train.py has run it already, before importing TensorFlow
+    strategy = start_strategy(cfg.strategy)  # first: multi-worker and logical-CPU set-ups need a fresh runtime
     keras.backend.clear_session()  # sweeps in one process: free the previous job's models
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -87,6 +91,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def start_strategy(config: DictConfig) -> tf.distribute.Strategy:
+    """Instantiates the `strategy` group; a failure names the strategy's keys a user can set.
+
+    Args:
+        config: `cfg.strategy`.
+    """
+    try:
+        return instantiate(config)
+    except Exception as error:
+        cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+        settings = " ".join(f"strategy.{key}={value!r}" for key, value in _leaves(config) if key != "_target_"
+                            and not key.endswith("._target_"))
+        raise RuntimeError(
+            f"Could not start the strategy {config._target_}: {cause} Its settings: {settings or '(none)'}. "
+            "Set them on the command line (e.g. strategy=tpu strategy.tpu_cluster_resolver.tpu=my-tpu), "
+            "or choose another strategy=... (default runs on one machine's devices)."
+        ) from error
+
+
+def _leaves(config: DictConfig, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every non-dict value in `config`."""
+    leaves = []
+    for key, value in config.items():
+        if isinstance(value, DictConfig):
+            leaves += _leaves(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
+
+
 def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_epoch: int,
         end_epoch: int) -> keras.callbacks.History:
     """`model.fit` from where an interrupted run of the same command stopped, if it did.
@@ -112,7 +146,7 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
     fix_keras_multi_worker_fit(model, strategy, data.train)
     history = model.fit(data.train(first_epoch, end_epoch), steps_per_epoch=data.steps_per_epoch,
                         validation_data=data.validation, initial_epoch=first_epoch, epochs=end_epoch,
-                        callbacks=callbacks, verbose=cfg.verbose,
+                        callbacks=callbacks, verbose=progress_verbosity(cfg.verbose),
                         shuffle=False)  # each epoch's shuffle is in data.train, keyed by the epoch
     check_finite(history, Path(cfg.paths.output_dir))
     return history
@@ -131,6 +165,8 @@ def check_finite(history: keras.callbacks.History, output_dir: Path) -> None:
 
 
 def summary(metrics: dict[str, float]) -> str:
-    """The test metrics on one line: `test/accuracy 0.9773, test/loss 0.0712, ...`."""
+    """The test metrics on one line: `test/accuracy 0.9773, test/loss 0.0712, ...` (the validation
+    metrics when the run has no test split)."""
+    split = "test/" if any(name.startswith("test/") for name in metrics) else "validation/"
     return ", ".join(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
-                     for name, value in metrics.items() if name.startswith("test/"))
+                     for name, value in metrics.items() if name.startswith(split))

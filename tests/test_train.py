@@ -111,14 +111,27 @@ def test_classification_trains_end_to_end_with_augmentation(photo_folder, tmp_pa
     assert not (tmp_path / ".cache" / "features").exists(), "classification reads images, not features"
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     assert model.input_shape == (None, None, None, 3)
+    # Its checkpoint is the whole model at image_size: predict.py takes it and resizes as model.keras does.
+    from pipeline.predict import exported_classifier
+
+    photos = [str(path) for path in sorted((photo_folder / "coffee").iterdir())[:3]]
+    checkpoint = exported_classifier(run_dir / "checkpoints" / "best.keras")
+    assert checkpoint.class_names == ["cat", "coffee", "rocket"]
+    np.testing.assert_allclose(checkpoint.probabilities(photos),
+                               exported_classifier(run_dir / "model.keras").probabilities(photos), atol=1e-5)
 
 
 def test_command_line_run_and_a_clear_error_for_a_missing_root(photo_folder, tmp_path):
     common = [sys.executable, "train.py", *TINY, f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/cli"]
-    result = subprocess.run([*common, f"dataset.root={photo_folder}"], cwd=CONF.parent,
+    result = subprocess.run([*common, f"dataset.root={photo_folder}", "verbose=auto"], cwd=CONF.parent,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/accuracy" in result.stdout and "reports:" in result.stdout and (tmp_path / "cli" / "model.keras").is_file()
+    # Quiet start-up: none of TensorFlow's C++ lines; output to a pipe gets plain lines per epoch.
+    for noise in ("absl::InitializeLog", "cudart_stub", "cuInit", "oneDNN", "cpu_feature_guard", "AutoGraph"):
+        assert noise not in result.stderr, noise
+    assert "Epoch 1/1" in result.stdout and "\r" not in result.stdout + result.stderr
+    assert "\x1b" not in result.stdout + result.stderr and "━" not in result.stdout
 
     result = subprocess.run([*common, f"dataset.root={tmp_path}/no_such_folder"], cwd=CONF.parent,
                             capture_output=True, text=True, timeout=600)
@@ -144,3 +157,14 @@ def test_the_embedded_default_learns_the_demo_set_with_imagenet_weights(tmp_path
 @pytest.mark.slow
 def test_random_weights_do_far_worse_on_the_demo_set(tmp_path):
     assert default_run(tmp_path, "backbone.weights=null")["test/accuracy"] < 0.6
+
+
+def test_a_run_without_a_test_split_reports_on_validation_and_image_size_may_be_one_int(photo_folder, tmp_path):
+    metrics, run_dir = run(photo_folder, tmp_path, "dataset.test_percent=0", "image_size=64")
+    assert metrics["validation/examples"] == len(ImageFolder(str(photo_folder), 25, 0).splits["validation"])
+    assert not any(name.startswith("test/") for name in metrics), metrics
+    assert json.loads((run_dir / "metrics.json").read_text())["validation/accuracy"] == metrics["validation/accuracy"]
+    assert (run_dir / "confusion_matrix.csv").is_file() and (run_dir / "predictions.csv").is_file()
+    from pipeline.run import summary
+
+    assert summary(metrics).startswith("validation/")
