@@ -1,20 +1,18 @@
 """Classify images from the Hydra configs in conf/: `python predict.py inputs=[photo.jpg,photos/] [backbone=...]`."""
 
 import logging
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of logs
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.cli import one_line_errors
+from pipeline.cli import one_line_errors, quiet_tensorflow_start
 
 log = logging.getLogger("predict")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
+    quiet_tensorflow_start()
     from pipeline.predict import format_table, predict  # imported here so `--help` and config errors come fast
 
     with one_line_errors(cfg.paths.output_dir, log):
