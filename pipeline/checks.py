@@ -29,8 +29,9 @@ def image_size_pair(value) -> list[int]:
         sides = [value, value]
     if len(sides) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0
                                   for side in sides):
+        shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
         raise ValueError(f"image_size must be one positive int for a square (image_size=160) or "
-                         f"[height, width] (image_size=[160,224]); got {OmegaConf.to_container(value) if isinstance(value, ListConfig) else value!r}.")
+                         f"[height, width] (image_size=[160,224]); got {shown!r}.")
     return [int(side) for side in sides]
 
 

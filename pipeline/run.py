@@ -101,12 +101,13 @@ def start_strategy(config: DictConfig) -> tf.distribute.Strategy:
         return instantiate(config)
     except Exception as error:
         cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
-        settings = " ".join(f"strategy.{key}={value!r}" for key, value in _leaves(config) if key != "_target_"
-                            and not key.endswith("._target_"))
+        keys = [(f"strategy.{key}", value) for key, value in _leaves(config) if not key.endswith("_target_")]
+        settings = " ".join(f"{key}={value!r}" for key, value in keys) or "(none)"
+        example = f"e.g. {keys[0][0]}=VALUE, " if keys else ""
         raise RuntimeError(
-            f"Could not start the strategy {config._target_}: {cause} Its settings: {settings or '(none)'}. "
-            "Set them on the command line (e.g. strategy=tpu strategy.tpu_cluster_resolver.tpu=my-tpu), "
-            "or choose another strategy=... (default runs on one machine's devices)."
+            f"Could not start the strategy {config._target_}: {cause} Its settings: {settings}. Set them on "
+            f"the command line ({example}see conf/strategy/), or choose another strategy=... (strategy=default "
+            "runs on this machine's devices)."
         ) from error
 
 

@@ -96,5 +96,6 @@ def test_a_strategy_that_cannot_start_names_its_keys(tmp_path):
     from pipeline.run import start_strategy
 
     with pytest.raises(RuntimeError, match="Could not start the strategy tensorflow.distribute.TPUStrategy: "
-                                           "Please provide a TPU Name.* strategy.tpu_cluster_resolver.tpu=''"):
+                                           "Please provide a TPU Name.* strategy.tpu_cluster_resolver.tpu=''.*"
+                                           "e.g. strategy.tpu_cluster_resolver.tpu=VALUE"):
         start_strategy(compose_config(["strategy=tpu"], tmp_path).strategy)
