@@ -50,6 +50,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="worker-")
     else:
         lock_folder(cfg.paths.output_dir)  # no second run may write here while this one lives
+        if (Path(cfg.paths.output_dir) / "metrics.json").exists():  # a finished run is never continued:
+            start_in(Path(cfg.paths.output_dir), continuing=False)  # set aside before anything can fail
     task = instantiate(cfg.task)  # also builds the backbone and scans the dataset
 
     with strategy.scope():

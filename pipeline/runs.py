@@ -23,7 +23,7 @@ LOCK = ".lock"
 UNFINISHED = "unfinished.txt"
 FINISHED_MARKERS = ("metrics.json", "error.txt")
 # Written by Hydra before the run starts (config, overrides, the job's log) or by this module: kept in place.
-_KEPT = {".hydra", LOCK}
+_KEPT = {".hydra", LOCK, UNFINISHED}
 
 _held: dict[Path, int] = {}  # folder -> open lock file descriptor, for the life of the process
 
