@@ -23,6 +23,7 @@ import pytest
 from pipeline.sweeps import read_job
 from tests.conftest import CONF, TINY, write_photo_folder
 from tests.reliability.test_integrity import crafted_png
+from tests.reliability.test_interruptions import mount  # noqa: F401  (fixture)
 
 TRAIN = str(CONF.parent / "train.py")
 # The default callbacks, EarlyStopping included (debug=tiny removes it); deterministic ops, so an
@@ -288,3 +289,17 @@ def test_a_sweep_rerun_skips_a_job_only_when_its_whole_config_is_unchanged(photo
     assert "pooling: max" in (tmp_path / "sweep" / "0" / ".hydra" / "config.yaml").read_text()
     stdout, _ = run_sweep()
     assert "#0 skipped: finished before" in stdout
+
+
+@pytest.mark.slow
+def test_a_read_only_cache_with_every_feature_says_what_to_do(photos, tmp_path, mount):
+    cache = tmp_path / "cache"
+    finish(train(tmp_path, *TINY, f"dataset.root={photos}", f"paths.cache_dir={cache}", run=tmp_path / "first"))
+    mount("--bind", "-o", "ro", str(cache), str(cache))
+    _, stderr = finish(train(tmp_path, *TINY, f"dataset.root={photos}", f"paths.cache_dir={cache}",
+                             run=tmp_path / "second"), code=1)
+    assert f"Cannot save the resume state in {cache / 'resume'}" in stderr and "Read-only file system" in stderr
+    assert "Run with resume=false, or set paths.cache_dir" in stderr and "Traceback" not in stderr
+    finish(train(tmp_path, *TINY, f"dataset.root={photos}", f"paths.cache_dir={cache}", "resume=false",
+                 run=tmp_path / "third"))
+    assert (tmp_path / "third" / "metrics.json").exists()
