@@ -22,7 +22,7 @@ from pipeline.distribute import barrier, fix_keras_multi_worker_fit, is_chief
 from pipeline.files import atomic_path, atomic_write_text
 from pipeline.reports import write_hparams, write_skipped_files
 from pipeline.runs import (RunFolderBusy, folder_fingerprint, lock_folder, mark_finished, mark_unfinished,
-                           set_aside)
+                           release_folder, set_aside)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     barrier(strategy)
     if not chief:
         data = task.datasets(cfg.batch_size)  # the chief has cached every feature: reads only
-    write_skipped_files(output_dir, [*getattr(task.dataset, "skipped", []), *data.skipped])
+    data.skipped = [*getattr(task.dataset, "skipped", []), *data.skipped]  # scanning skips FIFOs, pixel bombs
+    write_skipped_files(output_dir, data.skipped)
 
     callbacks = [c for c in instantiate(cfg.callbacks, _convert_="all").values() if c is not None]
     history = fit(model, data, strategy, callbacks, cfg, chief, phase="head", first_epoch=0,
@@ -80,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model.compile(optimizer=optimizer, loss=task.loss, metrics=task.metrics(),
                           jit_compile=cfg.jit_compile)
         data = task.image_datasets(cfg.batch_size)
+        data.skipped = [*getattr(task.dataset, "skipped", []), *data.skipped]
         history = fit(model, data, strategy, callbacks, cfg, chief, phase="fine_tune",
                       first_epoch=cfg.epochs, end_epoch=cfg.epochs + task.fine_tune_epochs,
                       resume_dir=resume_dir)
@@ -95,7 +97,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                             if history.epoch else cfg.epochs)
     write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
     mark_finished(output_dir)
-    if resume_dir is not None:
+    if resume_dir is not None and chief:
+        release_folder(resume_dir)
         shutil.rmtree(resume_dir, ignore_errors=True)  # finished: nothing to resume
     log.info("%s. Reports, model.keras and TensorBoard logs are in %s", summary(metrics), output_dir)
     return metrics

@@ -62,6 +62,13 @@ def lock_folder(folder: str | os.PathLike) -> None:
     _held[folder] = descriptor
 
 
+def release_folder(folder: str | os.PathLike) -> None:
+    """Gives up this process's ownership of `folder` (before removing it, so no stale lock is kept)."""
+    descriptor = _held.pop(Path(folder).absolute(), None)
+    if descriptor is not None:
+        os.close(descriptor)
+
+
 def folder_owner(folder: str | os.PathLike) -> int | None:
     """The process id that owns `folder` now, or None when no live process does.
 
