@@ -185,34 +185,62 @@ def test_resume_state_of_another_data_set_is_discarded_with_one_line(tmp_path):
     assert json.loads((tmp_path / "rerun" / "class_names.json").read_text())[-1] == "tea"
 
 
+def kill_moments(root: Path, folder: Path, rng: random.Random) -> list[tuple[str, object]]:
+    """Moments to SIGKILL a run at, in the order a run reaches them, each with a random parameter."""
+    def entries():
+        return len(list((root / ".cache" / "features").rglob("*.tensor")))
+
+    def exists(name):
+        return lambda: (folder / name).exists()
+
+    caching, head = rng.randint(1, 30), rng.randint(1, 2)
+    return [("start-up", lambda: (folder / "unfinished.txt").exists()),
+            (f"caching (after {caching} entries)", lambda: entries() >= caching),
+            (f"head epoch {head + 1}", lambda: data_rows(folder) >= head),
+            ("head epoch 4", lambda: data_rows(folder) >= 3),
+            ("fine-tuning epoch 1", lambda: data_rows(folder) >= 5),
+            ("model.keras", exists("model.keras")),
+            ("predictions.csv", exists("predictions.csv")),
+            ("confusion_matrix.png", exists("confusion_matrix.png"))]
+
+
 @pytest.mark.slow
 def test_kill_loop_random_sigkills_then_the_same_command_equals_the_uninterrupted_run(
         photos, uninterrupted, tmp_path):
-    """Random SIGKILLs during start-up, caching, training and reports; each time the same command again.
+    """SIGKILLs at random moments of start-up, caching, training and reports; each time the same command.
 
-    KILL_LOOP_TRIES (default 8) runs are each killed at a random moment (or finish first); then the
-    same command finishes the run, which must equal the uninterrupted one, default callbacks included.
+    Every round (KILL_LOOP_ROUNDS, default 1) starts with an empty cache and kills the run once at each
+    moment of `kill_moments` (plus 0-0.3 s), running the same command again after each kill; then the
+    command finishes the run, which must equal the uninterrupted one, default callbacks included.
     """
     reference, _ = uninterrupted
-    tries = int(os.environ.get("KILL_LOOP_TRIES", "8"))
+    rounds = int(os.environ.get("KILL_LOOP_ROUNDS", "1"))
     rng = random.Random(int(os.environ.get("KILL_LOOP_SEED", "12")))
-    argv = [*EXACT_DEFAULT_CALLBACKS, f"dataset.root={photos}"]
-    folder = tmp_path / "run"
-    moments = []
-    for _ in range(tries):
-        process = train(tmp_path, *argv, run=folder)
-        time.sleep(rng.uniform(4.0, 25.0))  # start-up ~8 s, caching, ~4 head + 2 fine-tuning epochs, reports
-        if process.poll() is not None:
-            break
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        moments.append("reports" if (folder / "model.keras").exists() else
-                       f"epoch {data_rows(folder)}" if data_rows(folder) else
-                       "caching" if list((tmp_path / ".cache" / "features").rglob("*.tensor")) else "start-up")
-    finish(train(tmp_path, *argv, run=folder))
-    print(f"kill loop: {len(moments)} SIGKILLs ({', '.join(moments)}), then the same command")
-    assert len(moments) >= tries // 2, f"only {len(moments)} kills landed"
-    assert_same_run(reference, folder)
+    kills = []
+    for round_number in range(rounds):
+        root = tmp_path / f"round{round_number}"
+        folder = root / "run"
+        argv = [*EXACT_DEFAULT_CALLBACKS, f"dataset.root={photos}"]
+        for moment, condition in kill_moments(root, folder, rng):
+            process = train(root, *argv, run=folder)
+            deadline = time.monotonic() + 600
+            while not condition() and process.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.3))
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                kills.append(moment)
+            else:  # finished before that moment: nothing left to interrupt in this round
+                finish(process)
+                break
+        else:
+            finish(train(root, *argv, run=folder))
+        assert_same_run(reference, folder)
+    print(f"kill loop: {len(kills)} SIGKILLs in {rounds} round(s) ({', '.join(kills)}), each followed by "
+          "the same command; every round ended equal to the uninterrupted run")
+    assert len(kills) >= 6 * rounds
 
 def sweep(tmp_path, photos, *overrides, cwd=None, train_py=TRAIN, env=None):
     argv = [sys.executable, train_py, "-m", f"paths.root={tmp_path}", *TINY, f"dataset.root={photos}",
