@@ -82,7 +82,12 @@ def assert_same_run(expected: Path, actual: Path, tolerance=1e-6):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    return write_photo_folder(tmp_path_factory.mktemp("data") / "photos")
+    """The photo folder plus a FIFO, a link to /dev/zero and a pixel bomb, which every run must skip."""
+    photos = write_photo_folder(tmp_path_factory.mktemp("data") / "photos")
+    os.mkfifo(photos / "cat" / "pipe.jpg")
+    (photos / "coffee" / "zero.png").symlink_to("/dev/zero")
+    (photos / "rocket" / "huge.png").write_bytes(crafted_png(20000, 20000))
+    return photos
 
 
 @pytest.fixture(scope="module")
@@ -118,17 +123,14 @@ def test_two_runs_started_together_get_two_folders_and_a_live_folder_is_refused(
     assert not (tmp_path / "busy" / "unfinished.txt").exists(), "the refused run wrote nothing of its own"
 
 
-def test_a_reused_run_folder_describes_only_the_new_run_and_bad_files_are_listed(tmp_path):
-    photos = write_photo_folder(tmp_path / "photos")
-    os.mkfifo(photos / "cat" / "pipe.jpg")
-    (photos / "coffee" / "zero.png").symlink_to("/dev/zero")
-    (photos / "rocket" / "huge.png").write_bytes(crafted_png(20000, 20000))
-    run = tmp_path / "run"
-    finish(train(tmp_path, *TINY, f"dataset.root={photos}", run=run), timeout=300)
-    skipped = (run / "skipped_files.txt").read_text()
+def test_a_reused_run_folder_describes_only_the_new_run_and_bad_files_are_listed(photos, uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    skipped = (reference / "skipped_files.txt").read_text()
     for name, reason in [("pipe.jpg", "not a regular file (a FIFO)"), ("zero.png", "not a regular file (a device)"),
                          ("huge.png", "20000x20000 is 400000000 pixels, over the limit")]:
         assert any(name in line and reason in line for line in skipped.splitlines()), (name, skipped)
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)  # a finished run's folder
     old_metrics = (run / "metrics.json").read_text()
 
     # The same folder, a command that fails (MobileNet refuses 16x16 images at build time).
@@ -137,10 +139,9 @@ def test_a_reused_run_folder_describes_only_the_new_run_and_bad_files_are_listed
     assert not (run / "metrics.json").exists() and (run / "error.txt").exists()
     assert not (run / "history.csv").exists() and not (run / "tensorboard").exists()
     assert (run / "previous-1" / "metrics.json").read_text() == old_metrics
-    assert (run / "previous-1" / "history.csv").exists()
+    assert (run / "previous-1" / "history.csv").exists() and (run / "previous-1" / "tensorboard").exists()
     assert (run / "unfinished.txt").exists()
-    job = read_job(run)
-    assert job.status == "failed", "a failed rerun no longer looks finished"
+    assert read_job(run).status == "failed", "a failed rerun no longer looks finished"
 
 
 def test_sigkill_then_the_same_command_continues_in_its_folder_and_equals_the_uninterrupted_run(
