@@ -19,6 +19,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from pipeline.data import apply_orientation, decode_error, decode_image, tf_paths
+from pipeline.distribute import local_predictor
 from pipeline.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class FeatureCache:
     def __init__(self, directory: str | Path, extractor: keras.Model, key: dict):
         self.extractor = extractor
         self.key = key
-        self._extract = {}  # augmentation (or None) -> compiled extractor
+        self._predict = None  # the compiled extractor, built on first use
         key = {**key, "entry_format": ENTRY_MAGIC.decode().strip()}  # older entries have no checksum
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.directory = Path(directory) / digest[:32]
@@ -126,23 +127,15 @@ class FeatureCache:
         entry.unlink(missing_ok=True)
         return False
 
-    def _extract_function(self, augmentation: keras.layers.Layer | None):
-        """The extractor (after `augmentation`) as a graph, traced once per cache and augmentation.
+    def _predictor(self):
+        """The extractor's compiled predict function, built once per cache.
 
-        A graph because eager calls of the base cost 3x more on CPU; any batch size, so the last,
-        smaller batch and every split reuse the one trace.
+        Compiled (a graph on TensorFlow, jit on JAX) because eager calls of the base cost 3x more
+        on CPU; any batch size, so the last, smaller batch reuses it after one more trace.
         """
-        if augmentation not in self._extract:
-            spec = tf.TensorSpec((None, *self.extractor.input_shape[1:]), tf.float32)
-
-            @tf.function(input_signature=[spec])
-            def extract(batch):
-                if augmentation is not None:
-                    batch = augmentation(batch, training=True)
-                return tf.cast(self.extractor(batch, training=False), tf.float32)
-
-            self._extract[augmentation] = extract
-        return self._extract[augmentation]
+        if self._predict is None:
+            self._predict = local_predictor(self.extractor)
+        return self._predict
 
     def _compute(self, paths, orientations, entries, batch_size, resizing, augmentation,
                  description) -> dict[Path, Path]:
@@ -151,21 +144,26 @@ class FeatureCache:
         def load(index, path, orientation):
             contents = tf.io.read_file(path)
             digest = tf.numpy_function(sha256_bytes, [contents], tf.string, stateful=False)
-            image = apply_orientation(decode_image(contents), orientation)
-            return index, digest, resizing(tf.cast(image, tf.float32))
+            image = resizing(tf.cast(apply_orientation(decode_image(contents), orientation), tf.float32))
+            return index, digest, tf.cast(image, tf.float32)  # resized in float16 under mixed_float16
+
+        def augment(indices, digests, batch):
+            return indices, digests, augmentation(batch, training=True)  # Keras layers run in tf.data on any backend
 
         images = (
             tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), tf_paths(paths), orientations))
             .map(load, num_parallel_calls=tf.data.AUTOTUNE)
             .ignore_errors()  # unreadable files get no entry; fill() reports them
             .batch(batch_size)
-            .prefetch(tf.data.AUTOTUNE)
         )
-        extract = self._extract_function(augmentation)
+        if augmentation is not None:
+            images = images.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        images = images.prefetch(tf.data.AUTOTUNE)
+        extract = self._predictor()
         total = math.ceil(len(paths) / batch_size)
         written = {}
         for indices, digests, batch in tqdm(images, total=total, desc=description, unit="batch"):
-            features = extract(tf.cast(batch, tf.float32)).numpy()  # resized in float16 under mixed_float16
+            features = extract(batch).astype(np.float32, copy=False)  # float16 under mixed_float16
             for index, digest, feature in zip(indices.numpy(), digests.numpy(), features):
                 entry = self.entry(digest.decode())
                 atomic_write_bytes(entry, encode_entry(digest.decode(), feature))

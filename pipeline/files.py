@@ -9,7 +9,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -109,3 +109,21 @@ def _regular_file_opener(path: str, flags: int) -> int:
         raise OSError(errno.EINVAL, not_regular_reason(path) or "not a regular file", str(path))
     os.set_blocking(descriptor, True)
     return descriptor
+
+
+def as_list(value: str | os.PathLike | Iterable[str] | None) -> list[str]:
+    """One path (`inputs=photos/`) or a list of them (`inputs=[a.jpg,photos/]`) as a list of strings.
+
+    A string is one item: iterating it would give its characters, each taken for a path.
+
+    Args:
+        value: a string, a path, a list or tuple (or an OmegaConf ListConfig) of them, or None.
+    """
+    def text(item) -> str:
+        return os.fsdecode(item) if isinstance(item, (bytes, os.PathLike)) else str(item)
+
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return [text(value)]
+    return [text(item) for item in value]
