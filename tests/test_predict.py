@@ -187,4 +187,16 @@ def test_help_lists_only_the_backbone_group_and_runs_have_their_own_folder(scrip
     assert "inputs: []" in result.stdout
     hydra = subprocess.run([sys.executable, f"{script}.py", "--cfg", "hydra"], cwd=CONF.parent,
                            capture_output=True, text=True, timeout=120)
-    assert f"dir: outputs/{script}/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}" in hydra.stdout
+    assert f"dir: outputs/{script}/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}-${{pid:}}" in hydra.stdout
+
+
+@pytest.mark.parametrize("config_name", ["predict", "annotate"])
+def test_one_path_without_brackets_is_one_input(config_name, tmp_path):
+    """`inputs=/path/to/photos` (what users type) is one folder, not a list of its characters."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    cfg = compose_predict([f"inputs={tmp_path / 'photos'}"], tmp_path, config_name)
+    assert find_images(cfg.inputs) == [str(tmp_path / "photos" / "a.jpg")]
+    cfg = compose_predict([f"inputs=[{tmp_path / 'photos'},{tmp_path / 'photos' / 'a.jpg'}]"], tmp_path,
+                          config_name)
+    assert find_images(cfg.inputs) == [str(tmp_path / "photos" / "a.jpg")] * 2
