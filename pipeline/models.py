@@ -27,7 +27,8 @@ def classification_head(
     regression: LayerNormalization (per example, over channels) keeps the channels' unequal scales
     and still trained HED's features to only 0.8. Its moving statistics use momentum 0.9 rather than
     Keras's 0.99, so they have settled after the few dozen steps of a transfer run, and are
-    synchronised over replicas (TensorFlow), so `mirrored` trains exactly as one device does. In
+    synchronised over replicas under a multi-replica TensorFlow strategy, so `mirrored` trains
+    exactly as one device does. In
     float32: squares of values in the hundreds overflow float16.
 
     Args:
@@ -41,11 +42,21 @@ def classification_head(
         raise ValueError(f"task.pooling must be 'avg' or 'max'; got {pooling!r}.")
     features = keras.Input(feature_shape, name="features")
     x = pools[pooling](name="pool")(features)
-    x = keras.layers.BatchNormalization(momentum=0.9, synchronized=keras.backend.backend() == "tensorflow",
-                                        dtype="float32", name="normalization")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, synchronized=_several_replicas(), dtype="float32",
+                                        name="normalization")(x)
     x = keras.layers.Dropout(dropout_rate, dtype="float32", name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(features, outputs, name="head")
+
+
+def _several_replicas() -> bool:
+    """Whether the model is being built under a TensorFlow strategy with several replicas, whose
+    BatchNormalization must then average its batch statistics over all of them (`synchronized`)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf  # only on the TensorFlow backend: this module also runs where TF is absent
+
+    return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
 
 
 def fcn32s(

@@ -52,14 +52,27 @@ def lock_folder(folder: str | os.PathLike) -> None:
         os.close(descriptor)
         if error.errno not in (errno.EAGAIN, errno.EACCES):
             raise
-        owner = folder_owner(folder)
-        raise RunFolderBusy(
-            f"Run folder {folder} is in use by another run (process {owner or 'unknown'}). Wait for it "
-            "to end, or give this run another folder (leave hydra.run.dir at its default)."
-        ) from None
+        raise RunFolderBusy(_busy_message(folder, folder_owner(folder))) from None
     os.ftruncate(descriptor, 0)
     os.write(descriptor, f"{os.getpid()}\n".encode())
     _held[folder] = descriptor
+
+
+def _busy_message(folder: Path, owner: int | None) -> str:
+    return (f"Run folder {folder} is in use by another run (process {owner or 'unknown'}). Wait for it "
+            "to end, or give this run another folder (leave hydra.run.dir at its default).")
+
+
+def check_not_busy(folder: str | os.PathLike) -> None:
+    """Raises RunFolderBusy if another live process owns `folder`, without taking it: train.py asks
+    this before its quick config checks, so a busy folder is reported as such whatever else is wrong.
+
+    Args:
+        folder: a run folder.
+    """
+    owner = folder_owner(folder)
+    if owner is not None and owner != os.getpid():
+        raise RunFolderBusy(_busy_message(Path(folder).absolute(), owner))
 
 
 def release_folder(folder: str | os.PathLike) -> None:
