@@ -28,8 +28,7 @@ def classification_head(
     and still trained HED's features to only 0.8. Its moving statistics use momentum 0.9 rather than
     Keras's 0.99, so they have settled after the few dozen steps of a transfer run, and are
     synchronised over replicas under a multi-replica TensorFlow strategy, so `mirrored` trains
-    exactly as one device does. In
-    float32: squares of values in the hundreds overflow float16.
+    exactly as one device does. In float32: squares of values in the hundreds overflow float16.
 
     Args:
         feature_shape: `(height, width, channels)` of the base's feature maps.
