@@ -1,4 +1,4 @@
-"""One training run, start to finish: config -> strategy -> data -> model -> fit -> reports -> export."""
+"""One training run, start to finish: config -> strategy -> data -> model -> fit -> export -> reports."""
 
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with atomic_path(output_dir / "model.keras") as path:
         task.export_model(model).save(path)
     atomic_write_text(output_dir / "class_names.json", json.dumps(task.dataset.class_names))  # output order
+    test = data.splits["test"]  # the images export checks its files on
+    test_paths = getattr(test, "image_paths", None) or task.dataset.absolute(test.relative_paths)
+    atomic_write_text(output_dir / "test_images.txt", "".join(f"{path}\n" for path in test_paths))
+    if cfg.export.formats:  # before the reports: a run whose export fails has no metrics.json
+        from pipeline.export.run import export_run
+
+        export_run(output_dir, list(cfg.export.formats), image_size=list(cfg.image_size))
     # Reports; metrics.json is written last of all, so a run folder that has it is a finished run.
     metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=history.epoch[-1] + 1
                             if history.epoch else cfg.epochs)

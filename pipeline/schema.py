@@ -20,6 +20,11 @@ class Paths:
 
 
 @dataclass
+class Export:
+    formats: list[str] = field(default_factory=list)  # export at the end of training: saved_model, litert, onnx
+
+
+@dataclass
 class TrainConfig:
     """conf/train.yaml's own keys; each group (backbone, task, ...) is checked by its `_target_`."""
 
@@ -33,6 +38,7 @@ class TrainConfig:
     resume: bool = True
     optimized_metric: str = "validation/accuracy"
     paths: Paths = field(default_factory=Paths)
+    export: Export = field(default_factory=Export)
     backbone: Any = MISSING
     task: Any = MISSING
     dataset: Any = MISSING
