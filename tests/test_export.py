@@ -65,7 +65,8 @@ def variant_model(kind: str, tmp_path: Path, cache: Path) -> keras.Model:
     return keras.saving.load_model(path)
 
 
-@pytest.mark.parametrize("kind", ["transfer", "transfer_fine_tuned", "classification", "fcn32",
+@pytest.mark.parametrize("kind", ["transfer", "classification", "fcn32",
+                                  pytest.param("transfer_fine_tuned", marks=pytest.mark.slow),
                                   pytest.param("classification_fine_tuned", marks=pytest.mark.slow)])
 def test_the_model_gives_one_answer_however_it_is_called(kind, tmp_path, weights_cache):
     """Before the fix, `model(x)` ran the head's Dropout (Resizing defaults to training=True) and eager
@@ -177,6 +178,8 @@ def test_readme_recipes_load_every_run_and_serve_onnx_without_tensorflow(transfe
     for run_dir in (transfer_run, fcn_run):
         code = load.replace("outputs/<date>/<time>", str(run_dir)).replace("photo.jpg", str(photo))
         checks.append(code + "\nprint(probabilities.shape)\n")
+    # `import pipeline` before Keras (the first line here) registers as soon as Keras is imported.
+    checks.insert(0, "import sys, pipeline\nassert 'keras' not in sys.modules")
     result = subprocess.run([sys.executable, "-c", "\n".join(checks)], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -194,7 +197,11 @@ def test_readme_recipes_load_every_run_and_serve_onnx_without_tensorflow(transfe
 
 
 def test_predict_classifies_with_the_onnx_and_litert_files_like_model_keras(transfer_run, tmp_path):
-    test_images = (transfer_run / "test_images.txt").read_text().splitlines()[:6]
+    # PNGs: Pillow and TensorFlow decode them identically. JPEGs differ by a few grey levels (TensorFlow's
+    # fast integer IDCT), which moves probabilities by up to ~5e-3 (README, "Export and deploy").
+    test_images = [path for path in (transfer_run / "test_images.txt").read_text().splitlines()
+                   if path.endswith(".png")]
+    assert test_images
     results = {}
     for file in ("model.keras", "export/model.onnx", "export/model.tflite"):
         cfg = compose_predict([f"model={transfer_run / file}", f"inputs=[{','.join(test_images)}]", "top_k=3",
