@@ -31,7 +31,6 @@ from PIL import Image  # noqa: E402
 
 import pipeline.schema  # noqa: E402,F401
 from common import machine  # noqa: E402
-from pipeline.demo import ensure_demo_folder  # noqa: E402
 from pipeline.export import FILE_NAMES, FORMATS  # noqa: E402
 from pipeline.export.run import export_run  # noqa: E402
 from pipeline.export.runtimes import runner_for  # noqa: E402
@@ -44,7 +43,6 @@ def exported_run(work: Path) -> Path:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.root={ROOT}", f"paths.output_dir={work}",
                                           f"paths.resume_dir={work}/resume"])
-    ensure_demo_folder(cfg.dataset.root)
     task = instantiate(cfg.task)
     run_dir = work / "run"
     run_dir.mkdir(parents=True)
