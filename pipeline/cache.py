@@ -19,6 +19,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from pipeline.data import decode_error, read_image, tf_paths
+from pipeline.distribute import local_predictor
 from pipeline.files import atomic_write_bytes, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class FeatureCache:
     def __init__(self, directory: str | Path, extractor: keras.Model, key: dict):
         self.extractor = extractor
         self.key = key
-        self._extract = {}  # augmentation (or None) -> compiled extractor
+        self._predict = None  # the compiled extractor, built on first use
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.directory = Path(directory) / digest[:32]
         manifest = self.directory / "key.json"
@@ -112,39 +113,37 @@ class FeatureCache:
             bad=bad, hits=hits, misses=len(paths) - hits,
         )
 
-    def _extract_function(self, augmentation: keras.layers.Layer | None):
-        """The extractor (after `augmentation`) as a graph, traced once per cache and augmentation.
+    def _predictor(self):
+        """The extractor's compiled predict function, built once per cache.
 
-        A graph because eager calls of the base cost 3x more on CPU; any batch size, so the last,
-        smaller batch and every split reuse the one trace.
+        Compiled (a graph on TensorFlow, jit on JAX) because eager calls of the base cost 3x more
+        on CPU; any batch size, so the last, smaller batch reuses it after one more trace.
         """
-        if augmentation not in self._extract:
-            spec = tf.TensorSpec((None, *self.extractor.input_shape[1:]), tf.float32)
-
-            @tf.function(input_signature=[spec])
-            def extract(batch):
-                if augmentation is not None:
-                    batch = augmentation(batch, training=True)
-                return tf.cast(self.extractor(batch, training=False), tf.float32)
-
-            self._extract[augmentation] = extract
-        return self._extract[augmentation]
+        if self._predict is None:
+            self._predict = local_predictor(self.extractor)
+        return self._predict
 
     def _compute(self, paths, orientations, entries, batch_size, resizing, augmentation, description):
         def load(index, path, orientation):
-            return index, resizing(tf.cast(read_image(path, orientation), tf.float32))
+            image = resizing(tf.cast(read_image(path, orientation), tf.float32))
+            return index, tf.cast(image, tf.float32)  # resized in float16 under mixed_float16
+
+        def augment(indices, batch):
+            return indices, augmentation(batch, training=True)  # Keras layers run in tf.data on any backend
 
         images = (
             tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), tf_paths(paths), orientations))
             .map(load, num_parallel_calls=tf.data.AUTOTUNE)
             .ignore_errors()  # unreadable files get no entry; fill() reports them
             .batch(batch_size)
-            .prefetch(tf.data.AUTOTUNE)
         )
-        extract = self._extract_function(augmentation)
+        if augmentation is not None:
+            images = images.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        images = images.prefetch(tf.data.AUTOTUNE)
+        extract = self._predictor()
         total = math.ceil(len(paths) / batch_size)
         for indices, batch in tqdm(images, total=total, desc=description, unit="batch"):
-            features = extract(tf.cast(batch, tf.float32)).numpy()  # resized in float16 under mixed_float16
+            features = extract(batch).astype(np.float32, copy=False)  # float16 under mixed_float16
             for index, feature in zip(indices.numpy(), features):
                 atomic_write_bytes(entries[index], tf.io.serialize_tensor(feature).numpy())
             del features, batch  # freed before the trim, not when the next batch replaces them

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.callbacks import ResumeState
-from pipeline.distribute import barrier, fix_keras_multi_worker_fit, is_chief
+from pipeline.distribute import barrier, check_backend, even_batches, fix_keras_multi_worker_fit, is_chief
 from pipeline.files import atomic_path, atomic_write_text
-from pipeline.reports import write_hparams, write_skipped_files
+from pipeline.reports import merge_metrics_json, write_hparams, write_skipped_files
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The metrics also written to `metrics.json` (empty on non-chief workers).
     """
-    strategy = instantiate(cfg.strategy)  # first: multi-worker and logical-CPU set-ups need a fresh runtime
+    backend = keras.backend.backend()
+    check_backend(cfg.strategy._target_, strategy_choice())
+    if backend == "jax":
+        keras.distribution.set_distribution(None)  # a previous sweep job's data_parallel
+        tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data: the GPUs are JAX's
+    # First: multi-worker, multi-process and logical-CPU set-ups need a fresh runtime.
+    strategy = instantiate(cfg.strategy)
+    log.info("Keras backend: %s; strategy: %s", backend, type(strategy).__name__)
     keras.backend.clear_session()  # sweeps in one process: free the previous job's models
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -53,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                       metrics=task.metrics(), jit_compile=cfg.jit_compile)
     if chief:
         data = task.datasets(cfg.batch_size)  # transfer: runs the frozen base once per uncached image
-    barrier(strategy)
+    barrier(strategy, "features cached")
     if not chief:
         data = task.datasets(cfg.batch_size)  # the chief has cached every feature: reads only
     write_skipped_files(output_dir, data.skipped)
@@ -88,6 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=history.epoch[-1] + 1
                             if history.epoch else cfg.epochs)
     write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
+    metrics = merge_metrics_json(output_dir / "metrics.json", {"backend": backend})  # not a TensorBoard scalar
     if cfg.resume:
         shutil.rmtree(cfg.paths.resume_dir, ignore_errors=True)  # finished: nothing to resume
     log.info("%s. Reports, model.keras and TensorBoard logs are in %s", summary(metrics), output_dir)
@@ -113,16 +122,31 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
         resume = ResumeState(Path(cfg.paths.resume_dir) / phase, save=chief)
         with strategy.scope():
             first_epoch = max(first_epoch, resume.restore(model))
-        if first_epoch:
+        if first_epoch >= end_epoch:
+            log.info("Every %s epoch had finished (%s): evaluating", phase, resume.directory)
+        elif first_epoch:
             log.info("Resuming %s training at epoch %d from %s", phase, first_epoch + 1, resume.directory)
         callbacks = [*callbacks, resume]
+    if first_epoch >= end_epoch:  # the run stopped after its last epoch (in evaluation): no epoch is left
+        history = keras.callbacks.History()
+        history.epoch, history.history = [], {}
+        return history
     fix_keras_multi_worker_fit(model, strategy, data.train)
-    history = model.fit(data.train(first_epoch, end_epoch), steps_per_epoch=data.steps_per_epoch,
-                        validation_data=data.validation, initial_epoch=first_epoch, epochs=end_epoch,
+    # even_batches: a no-op but under a multi-device keras.distribution, which needs equal shards.
+    history = model.fit(even_batches(data.train(first_epoch, end_epoch)),
+                        steps_per_epoch=data.steps_per_epoch, validation_data=even_batches(data.validation), initial_epoch=first_epoch, epochs=end_epoch,
                         callbacks=callbacks, verbose=cfg.verbose,
                         shuffle=False)  # each epoch's shuffle is in data.train, keyed by the epoch
     check_finite(history, Path(cfg.paths.output_dir))
     return history
+
+
+def strategy_choice() -> str | None:
+    """The `strategy=` option of this run, when Hydra ran it (not in `compose`d configs)."""
+    try:
+        return HydraConfig.get().runtime.choices.get("strategy")
+    except ValueError:  # no Hydra run: a config composed in a test or notebook
+        return None
 
 
 def check_finite(history: keras.callbacks.History, output_dir: Path) -> None:

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from pipeline.export import FILE_NAMES, FORMATS
 from pipeline.export.parity import ParityError, compare, failures
 from pipeline.export.runtimes import litert_input_size, read_rgb, runner_for
-from pipeline.files import atomic_write_text
+from pipeline.files import as_list, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def export_run(
         Keras model's own latency.
     """
     run_dir = Path(run_dir)
+    formats = as_list(formats)  # formats=onnx on the command line is one format
     unknown = [name for name in formats if name not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"Unknown export format(s) {unknown or list(formats)}: choose from {list(FORMATS)}, "
@@ -127,7 +128,7 @@ def _parity_images(run_dir: Path, images: list[str] | None, max_images: int) -> 
     else:
         from pipeline.predict import find_images
 
-        images = find_images(list(images))
+        images = find_images(images)
     if not images:
         raise ValueError(f"No test images to check the exported files on in {run_dir}: pass images=[...].")
     return images[:max_images]

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, read_image, tf_paths
+from pipeline.distribute import local_predictor
 from pipeline.layers import ImagePreprocessing, uint8_to_float32
 from pipeline.models import classification_head
 from pipeline.reports import top_k_accuracy, write_classification_reports
@@ -190,12 +191,12 @@ class ClassificationTask:
             step: the TensorBoard step (the last epoch).
         """
         metrics = {}
-        # A graph, not `model.predict`: under a multi-worker strategy the chief predicts alone, and
+        # Compiled, not `model.predict`: under a multi-worker strategy the chief predicts alone, and
         # `predict` would wait for the other workers. Eager calls would cost 3x more.
-        predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
+        predict = local_predictor(model)
         for name in ("validation", "test"):
             labels = data.splits[name].labels
-            probabilities = np.concatenate([predict(inputs).numpy() for inputs, _ in getattr(data, name)])
+            probabilities = np.concatenate([predict(inputs) for inputs, _ in getattr(data, name)])
             loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
             k = min(5, self.num_classes)
             metrics[name] = {f"{name}/loss": float(np.mean(loss)),

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import tf_paths
+from pipeline.distribute import even_batches, local_predictor
 from pipeline.files import atomic_write_text
 from pipeline.layers import uint8_to_float32
 from pipeline.segmentation import (IGNORE_LABEL, JointAugmentation, SegmentationData, SegmentationSplit,
@@ -206,12 +207,13 @@ class FCN32Task:
             tensorboard_dir: where report images and scalars are logged.
             step: the TensorBoard step.
         """
-        validation = model.evaluate(data.validation, return_dict=True, verbose=0)
+        validation = model.evaluate(even_batches(data.validation), return_dict=True, verbose=0)
+        predict = local_predictor(model)
         test = data.splits["test"]
         hist = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
         loss_sum, loss_pixels, examples = 0.0, 0, []
         for index, (image, mask) in enumerate(data.test):
-            probabilities = np.asarray(model.predict_on_batch(image))[0]
+            probabilities = predict(image)[0]
             labels = mask.numpy()[0]
             predicted = np.argmax(probabilities, axis=-1)
             hist += confusion_histogram(labels, predicted, self.num_classes)
