@@ -250,3 +250,28 @@ def test_export_command_line_exports_a_run(transfer_run, tmp_path):
     assert "litert" in result.stdout and "top-1 agreement 100.0 %" in result.stdout
     assert sorted(path.name for path in (run_dir / "export").iterdir()) == ["labels.txt", "model.tflite",
                                                                          "parity.json"]
+
+
+def test_litert_falls_back_to_the_training_size_when_any_size_needs_tensorflow_ops(tmp_path):
+    """tf.pad with computed sizes forgets the channel count, so the convolution after it needs a Flex op at
+    any size (as FCN-32s did before PadToMultiple restated it): the file is then converted at a fixed size."""
+    from pipeline.export.formats import write_litert
+    from pipeline.export.runtimes import litert_input_size
+
+    class LosesChannels(keras.layers.Layer):
+        def call(self, x):
+            return tf.pad(x, [[0, 0], [0, tf.shape(x)[1] % 2], [0, 0], [0, 0]])
+
+        def compute_output_shape(self, shape):
+            return (shape[0], None, shape[2], shape[3])
+
+    inputs = keras.Input((None, None, 3), dtype="uint8")
+    x = LosesChannels()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, strides=2, padding="same")(x))
+    note = write_litert(model, tmp_path / "model.tflite", (32, 48))
+    assert "FIXED at the training size" in note and litert_input_size(tmp_path / "model.tflite") == (32, 48)
+    run = runner_for(tmp_path / "model.tflite")
+    image = photos()[0][:32, :48][None]
+    np.testing.assert_allclose(run(image), model.predict(image, verbose=0), atol=1e-5)
+    with pytest.raises(ValueError, match="takes images of exactly 32x48 pixels"):
+        run(photos()[1][None])
