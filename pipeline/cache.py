@@ -121,7 +121,7 @@ class FeatureCache:
         if augmentation not in self._extract:
             spec = tf.TensorSpec((None, *self.extractor.input_shape[1:]), tf.float32)
 
-            @tf.function(input_signature=[spec])
+            @tf.function(input_signature=[spec], autograph=False)  # no tensor-dependent Python control flow
             def extract(batch):
                 if augmentation is not None:
                     batch = augmentation(batch, training=True)
@@ -131,6 +131,7 @@ class FeatureCache:
         return self._extract[augmentation]
 
     def _compute(self, paths, orientations, entries, batch_size, resizing, augmentation, description):
+        @tf.autograph.experimental.do_not_convert  # AutoGraph would leave module files in /tmp
         def load(index, path, orientation):
             return index, resizing(tf.cast(read_image(path, orientation), tf.float32))
 
@@ -172,6 +173,7 @@ def _malloc_trim():
 def feature_dataset(entries: list[Path], labels: np.ndarray, feature_shape: tuple[int, ...]) -> tf.data.Dataset:
     """(features, label) pairs read from cache entries in order, decoded in parallel."""
 
+    @tf.autograph.experimental.do_not_convert
     def read(path, label):
         features = tf.io.parse_tensor(tf.io.read_file(path), out_type=tf.float32)
         return tf.ensure_shape(features, feature_shape), label

@@ -236,6 +236,7 @@ def find_bad_images(paths: list[str], parallel: int = tf.data.AUTOTUNE) -> list[
     if not paths:
         return []
 
+    @tf.autograph.experimental.do_not_convert  # AutoGraph would leave a module file in /tmp
     def check(index):
         return index, tf.shape(decode_image(tf.io.read_file(tf.gather(paths_tensor, index))))
 

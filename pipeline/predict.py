@@ -97,6 +97,7 @@ class Classifier:
 
     def dataset(self, paths: list[str], batch_size: int) -> tf.data.Dataset:
         """Decoded (and cropped) images in `paths` order, batched."""
+        @tf.autograph.experimental.do_not_convert  # AutoGraph would leave a module file in /tmp
         def load(path):
             image = decode_image(tf.io.read_file(path))
             if self.image_size is None:

@@ -701,5 +701,7 @@ def _pad_and_crop(image, mask, size, seeds, random):
 
 def pair_dataset(split: SegmentationSplit, num_classes: int) -> tf.data.Dataset:
     """(image, mask) at the original size, in split order, read in parallel."""
+    # do_not_convert: AutoGraph would write a module file per converted function to /tmp.
+    load = tf.autograph.experimental.do_not_convert(lambda image, mask: load_pair(image, mask, num_classes))
     return tf.data.Dataset.from_tensor_slices((tf_paths(split.image_paths), tf_paths(split.mask_paths))).map(
-        lambda image, mask: load_pair(image, mask, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+        load, num_parallel_calls=tf.data.AUTOTUNE)

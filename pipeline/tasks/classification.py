@@ -56,6 +56,7 @@ def epochs_of(examples: tf.data.Dataset, count: int, batch_size: int, seed: int,
         augment: applied to each batch.
     """
 
+    @tf.autograph.experimental.do_not_convert  # plain graph code: AutoGraph would write a module file per function to /tmp
     def one_epoch(epoch):
         shuffled = examples.shuffle(count, seed=seed * 1_000_003 + epoch)
         if load is not None:
@@ -160,6 +161,7 @@ class ClassificationTask:
             return tf.data.Dataset.from_tensor_slices(
                 (tf_paths(self.dataset.absolute(paths)), self.dataset.orientations(paths), split.labels))
 
+        @tf.autograph.experimental.do_not_convert
         def load(path, orientation, label):
             return self.resizing(tf.cast(read_image(path, orientation), tf.float32)), label
 
@@ -167,6 +169,7 @@ class ClassificationTask:
             batches = files(split).map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
             return batches.prefetch(tf.data.AUTOTUNE)
 
+        @tf.autograph.experimental.do_not_convert
         def augment(images, labels):
             return self.augmentation(images, training=True), labels
 
@@ -192,7 +195,8 @@ class ClassificationTask:
         metrics = {}
         # A graph, not `model.predict`: under a multi-worker strategy the chief predicts alone, and
         # `predict` would wait for the other workers. Eager calls would cost 3x more.
-        predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True)
+        predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True,
+                              autograph=False)  # AutoGraph would leave a module file in /tmp
         for name in ("validation", "test"):
             labels = data.splits[name].labels
             probabilities = np.concatenate([predict(inputs).numpy() for inputs, _ in getattr(data, name)])
