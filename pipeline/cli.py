@@ -13,6 +13,7 @@ from typing import Iterator
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from pipeline.hparams import end_session_if_started
 from pipeline.sweeps import JobFailed
 
 
@@ -31,6 +32,7 @@ def one_line_errors(output_dir: str, log: logging.Logger, note: str = "") -> Ite
     try:
         yield
     except Exception as error:
+        end_session_if_started(output_dir, "failure")  # TensorBoard's HParams shows the run as failed
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         error_file = Path(output_dir) / "error.txt"

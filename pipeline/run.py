@@ -12,12 +12,13 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline.callbacks import ResumeState
 from pipeline.distribute import barrier, fix_keras_multi_worker_fit, is_chief
 from pipeline.files import atomic_path, atomic_write_text
-from pipeline.reports import write_hparams, write_skipped_files
+from pipeline.hparams import chosen_hparams, end_session, hydra_choices_and_overrides, start_session
+from pipeline.reports import write_skipped_files
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="worker-")
     output_dir = Path(cfg.paths.output_dir)
     tensorboard_dir = output_dir / "tensorboard"
+    if chief:  # HParams lists the run from now on; cli.py ends the session of a failed run
+        start_session(tensorboard_dir, chosen_hparams(cfg, *hydra_choices_and_overrides()))
     task = instantiate(cfg.task)  # also builds the backbone and scans the dataset
 
     with strategy.scope():
@@ -80,7 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Reports; metrics.json is written last of all, so a run folder that has it is a finished run.
     metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=history.epoch[-1] + 1
                             if history.epoch else cfg.epochs)
-    write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
+    end_session(tensorboard_dir, "success")
     if cfg.resume:
         shutil.rmtree(cfg.paths.resume_dir, ignore_errors=True)  # finished: nothing to resume
     log.info("%s. Reports, model.keras and TensorBoard logs are in %s", summary(metrics), output_dir)
