@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from pipeline.backbones import Backbone
-from pipeline.data import decode_image, find_bad_images
+from pipeline.data import decode_image, find_bad_images, tf_paths
 from pipeline.files import as_list, atomic_write_text
 from pipeline.imagenet import NUM_CLASSES, imagenet_class_names
 from pipeline.layers import ImagePreprocessing
@@ -104,7 +104,7 @@ class Classifier:
                 return image
             return central_crop(image, self.image_size, self.crop_fraction)
 
-        images = tf.data.Dataset.from_tensor_slices(list(paths)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        images = tf.data.Dataset.from_tensor_slices(tf_paths(paths)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
         return images.batch(batch_size if self.image_size else 1).prefetch(tf.data.AUTOTUNE)
 
     def probabilities(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
