@@ -90,6 +90,7 @@ class ImageFolder:
         }
         counts = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
         log.info("%s: %d classes; %s images", self.root, len(self.class_names), counts)
+        check_training_classes(self.class_names, self.splits["train"].labels, self.on_bad_image)
 
     @property
     def num_classes(self) -> int:
@@ -116,11 +117,35 @@ class ImageFolder:
         return [self._orientations[path] for path in relative_paths]
 
 
+def check_training_classes(class_names: list[str], train_labels: np.ndarray, on_bad_image: str) -> None:
+    """Warns (or with `on_bad_image: error`, stops) when a class has no training image.
+
+    Such a class can never be predicted: its examples in validation and test are all mistakes.
+
+    Args:
+        class_names: every class, label order.
+        train_labels: the training split's labels.
+        on_bad_image: "skip" warns, "error" raises.
+    """
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(class_names))
+    empty = [name for name, count in zip(class_names, counts) if count == 0]
+    if not empty:
+        return
+    message = (f"{len(empty)} class(es) have no training images: {', '.join(empty)}. The model can never predict "
+               "them. Add images to those class folders, or lower dataset.validation_percent / "
+               "dataset.test_percent (a file's split comes from a hash of its path).")
+    if on_bad_image == "error":
+        raise ValueError(message)
+    log.warning(message)
+
+
 def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[int, str]]]:
     """Class names (sorted sub-folder names) and every (label, relative path), sorted.
 
-    Sub-folders of a class folder are searched too; hidden files and folders are ignored and
-    symbolic links to folders are not followed (a link loop cannot hang the scan).
+    Sub-folders of a class folder are searched too, and symbolic links to folders are followed
+    (a class folder may be a link); a link back to a folder already being searched is skipped with a
+    warning, so a link loop cannot hang the scan. Hidden files and folders are ignored. Files with
+    other extensions are left out, and the log says how many of each extension.
 
     Args:
         root: the data root.
@@ -134,29 +159,65 @@ def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list
     class_names = sorted(
         entry.name
         for entry in os.scandir(root)
-        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+        if entry.is_dir() and not entry.name.startswith(".")  # follows links: a linked class counts
     )
     if len(class_names) < 2:
         raise ValueError(
             f"Dataset root {root} has {len(class_names)} class folder(s) ({', '.join(class_names)}); "
             "a classifier needs at least two. Put each class's images in its own sub-folder."
         )
-    files = []
+    files, left_out = [], {}
     for label, class_name in enumerate(class_names):
         class_dir = os.path.join(root, class_name)
         found = []
-        for directory, folders, names in os.walk(class_dir):
-            folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
+        for directory, names in _walk_following_links(class_dir):
             for name in names:
-                if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                if name.startswith("."):
+                    continue
+                extension = os.path.splitext(name)[1].lower()
+                if extension in extensions:
                     found.append(os.path.relpath(os.path.join(directory, name), root))
+                else:
+                    left_out[extension or "(none)"] = left_out.get(extension or "(none)", 0) + 1
         if not found:
             raise ValueError(
                 f"Class folder {class_dir} has no images with extensions {', '.join(extensions)}. "
                 "Add images or remove the folder."
             )
         files += [(label, path.replace(os.sep, "/")) for path in sorted(found)]
+    if left_out:
+        counts = ", ".join(f"{count} {extension}" for extension, count in sorted(left_out.items()))
+        log.warning("%s: %d file(s) left out by extension (%s); dataset.extensions takes %s. Add an "
+                    "extension there to use those files.", root, sum(left_out.values()), counts,
+                    ", ".join(extensions))
     return class_names, files
+
+
+def _walk_following_links(top: str):
+    """(folder, file names) under `top`, sorted, following folder links but never into a loop."""
+    stack = [(top, frozenset({os.path.realpath(top)}))]
+    while stack:
+        directory, ancestors = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as error:
+            log.warning("Cannot list %s: %s; its files are left out.", directory, error.strerror or error)
+            continue
+        names, folders = [], []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # a link to a folder included
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    log.warning("Skipping %s: a symbolic link back to %s, which holds it (a loop).",
+                                entry.path, real)
+                    continue
+                folders.append((entry.path, ancestors | {real}))
+            else:
+                names.append(entry.name)
+        yield directory, names
+        stack.extend(reversed(folders))
 
 
 def tf_paths(paths: list[str]) -> list[bytes]:

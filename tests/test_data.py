@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 
 import keras
@@ -105,3 +106,38 @@ def test_one_extension_without_brackets_is_one_extension(photo_folder, tmp_path)
     folder = instantiate(cfg.dataset)
     assert folder.extensions == (".png",)
     assert sum(len(split) for split in folder.splits.values()) == 9  # every 4th photo of 3 x 12 is a .png
+
+
+def test_linked_class_folders_and_sub_folders_are_followed_and_loops_skipped(tmp_path, caplog):
+    photos = write_photo_folder(tmp_path / "elsewhere", images_per_class=4)
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.move(str(photos / "cat"), root / "cat")
+    shutil.move(str(photos / "coffee"), root / "coffee")
+    os.symlink(photos / "rocket", root / "rocket")                  # a whole class is a link
+    os.symlink(photos / "rocket", root / "cat" / "more_cats")       # a linked sub-folder
+    os.symlink(root / "coffee", root / "coffee" / "again")          # a loop
+    (root / "coffee" / "photo.webp").write_bytes(b"x")
+    (root / "coffee" / "scan.TIFF").write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        folder = ImageFolder(str(root))
+    assert folder.class_names == ["cat", "coffee", "rocket"]
+    paths = [path for split in folder.splits.values() for path in split.relative_paths]
+    assert sum(path.startswith("rocket/") for path in paths) == 4
+    assert sum(path.startswith("cat/more_cats/") for path in paths) == 4
+    assert sum(path.startswith("coffee/") for path in paths) == 4  # the loop adds nothing
+    assert "a symbolic link back to" in caplog.text and "again" in caplog.text
+    assert "2 file(s) left out by extension (1 .tiff, 1 .webp)" in caplog.text
+
+
+def test_a_class_without_training_images_warns_or_stops(tmp_path, caplog):
+    root = write_photo_folder(tmp_path / "photos", images_per_class=6)
+    folder = ImageFolder(str(root))
+    for path in folder.splits["train"].relative_paths:  # keep only rocket's training images
+        if not path.startswith("rocket/"):
+            (root / path).unlink()
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        ImageFolder(str(root))
+    assert "2 class(es) have no training images: cat, coffee" in caplog.text
+    with pytest.raises(ValueError, match="have no training images: cat, coffee"):
+        ImageFolder(str(root), on_bad_image="error")
