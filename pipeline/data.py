@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from pipeline.files import as_list
+from pipeline.files import as_list, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class ImageFolder:
         extensions: file extensions taken as images, compared case-insensitively.
         on_bad_image: "skip" lists unreadable images in the log and `skipped_files.txt` and trains
             on the rest; "error" stops the run at the first check that finds one.
+        on_duplicate: what to do with files of identical bytes in two classes or two splits:
+            "warn" logs them and keeps every copy, all in the split of the first (so a test image
+            is never also a training image); "drop" keeps only the first copy (by path); "error" stops.
     """
 
     root: str
@@ -64,8 +67,10 @@ class ImageFolder:
     test_percent: float = 10
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     on_bad_image: str = "skip"
+    on_duplicate: str = "warn"
     class_names: list[str] = field(init=False)
     splits: dict[str, Split] = field(init=False)
+    duplicates: list[list[str]] = field(init=False)  # groups of identical files across classes or splits
     _orientations: dict[str, int] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -78,10 +83,13 @@ class ImageFolder:
                 f"got {self.validation_percent} + {self.test_percent}."
             )
         self.extensions = tuple(extension.lower() for extension in as_list(self.extensions))
+        if self.on_duplicate not in ("warn", "drop", "error"):
+            raise ValueError(f"on_duplicate must be 'warn', 'drop' or 'error'; got {self.on_duplicate!r}.")
         self.class_names, files = scan_folder(self.root, self.extensions)
+        files, first_copy = self._handle_duplicates(files)
         by_split = {name: ([], []) for name in SPLITS}
         for label, relative_path in files:
-            paths, labels = by_split[self.split_of(relative_path)]
+            paths, labels = by_split[self.split_of(first_copy.get(relative_path, relative_path))]
             paths.append(relative_path)
             labels.append(label)
         self.splits = {
@@ -91,6 +99,32 @@ class ImageFolder:
         counts = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
         log.info("%s: %d classes; %s images", self.root, len(self.class_names), counts)
         check_training_classes(self.class_names, self.splits["train"].labels, self.on_bad_image)
+
+    def _handle_duplicates(self, files: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], dict[str, str]]:
+        """Finds identical files across classes or splits; returns the files kept and each copy's first copy."""
+        label_of = dict((path, label) for label, path in files)
+        groups = identical_files(self.root, [path for _, path in files])
+        self.duplicates = [group for group in groups
+                           if len({label_of[path] for path in group}) > 1
+                           or len({self.split_of(path) for path in group}) > 1]
+        if not self.duplicates:
+            return files, {}
+        listing = "\n".join(f"  {' = '.join(group)}" for group in self.duplicates[:20])
+        if len(self.duplicates) > 20:
+            listing += f"\n  ... and {len(self.duplicates) - 20} more"
+        copies = sum(len(group) - 1 for group in self.duplicates)
+        what = (f"{copies} file(s) have the same bytes as another file in another class or split "
+                f"({len(self.duplicates)} group(s)):\n{listing}\n")
+        if self.on_duplicate == "error":
+            raise ValueError(what + "Remove the copies, or set dataset.on_duplicate=warn (copies kept in "
+                             "one split) or drop (only the first copy kept).")
+        if self.on_duplicate == "drop":
+            dropped = {path for group in self.duplicates for path in group[1:]}
+            log.warning("%sKeeping only the first copy of each (dataset.on_duplicate=drop).", what)
+            return [(label, path) for label, path in files if path not in dropped], {}
+        log.warning("%sAll copies of an image go to the split of its first copy, so no test image is also a "
+                    "training image (dataset.on_duplicate=drop keeps one copy, error stops).", what)
+        return files, {path: group[0] for group in self.duplicates for path in group[1:]}
 
     @property
     def num_classes(self) -> int:
@@ -115,6 +149,32 @@ class ImageFolder:
         for path, absolute in zip(missing, self.absolute(missing)):
             self._orientations[path] = exif_orientation(absolute)
         return [self._orientations[path] for path in relative_paths]
+
+
+def identical_files(root: str, relative_paths: list[str]) -> list[list[str]]:
+    """Groups (of 2 or more, each sorted) of files under `root` with identical bytes.
+
+    Only files of equal size are hashed (sha256), so a folder without duplicates costs a `stat` each.
+
+    Args:
+        root: the data root.
+        relative_paths: files under it.
+    """
+    by_size: dict[int, list[str]] = {}
+    for path in relative_paths:
+        try:
+            by_size.setdefault(os.path.getsize(os.path.join(root, path)), []).append(path)
+        except OSError:  # a broken link: reported as unreadable later
+            continue
+    groups: dict[str, list[str]] = {}
+    for same_size in by_size.values():
+        if len(same_size) > 1:
+            for path in same_size:
+                try:
+                    groups.setdefault(sha256_file(os.path.join(root, path)), []).append(path)
+                except OSError:
+                    continue
+    return sorted(sorted(group) for group in groups.values() if len(group) > 1)
 
 
 def check_training_classes(class_names: list[str], train_labels: np.ndarray, on_bad_image: str) -> None:

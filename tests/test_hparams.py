@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +45,7 @@ def finished(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("hparams")
     photos = write_photo_folder(tmp / "photos", images_per_class=8)
+    shutil.copy(photos / "cat" / "cat_001.JPG", photos / "rocket" / "not_a_rocket.jpg")  # a duplicate
     result = subprocess.run(
         [sys.executable, "train.py", *TINY, f"dataset.root={photos}", "optimizer.learning_rate=0.01",
          "task.dropout_rate=0.5", f"paths.root={tmp}", f"hydra.run.dir={tmp / 'run'}"],
@@ -70,9 +73,13 @@ def test_each_final_metric_is_written_once_in_the_run_of_its_split(finished):
     assert all(tag.startswith("test/") for tag in test), test
     assert {"validation/accuracy", "validation/loss"} <= validation
     assert not [tag for tag in validation if tag.startswith("test/")], validation
-    assert root == {"skipped_images"}
+    assert root == {"skipped_images", "duplicate_images"}
     train = scalar_tags(finished / "train")
     assert not [tag for tag in train if "/" in tag], train  # only Keras's epoch_* curves
+
+
+def test_duplicates_across_classes_are_counted_in_metrics_json(finished):
+    assert json.loads((finished.parent / "metrics.json").read_text())["duplicate_images"] == 1
 
 
 def test_a_failed_run_ends_its_session_with_failure(photo_folder, tmp_path):

@@ -206,6 +206,8 @@ class ClassificationTask:
                              f"{name}/accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
                              f"{name}/top_{k}_accuracy": top_k_accuracy(labels, probabilities, k)}
         test = data.splits["test"]
+        # Copies of another file's bytes in another class or split (ImageFolder finds them).
+        duplicates = sum(len(group) - 1 for group in getattr(self.dataset, "duplicates", []))
         return write_classification_reports(
             output_dir,
             class_names=self.dataset.class_names,
@@ -215,7 +217,7 @@ class ClassificationTask:
             image_paths=self.dataset.absolute(test.relative_paths),
             split="test",
             extra_metrics={**metrics["validation"], "test/loss": metrics["test"]["test/loss"],
-                           "skipped_images": len(data.skipped)},
+                           "skipped_images": len(data.skipped), "duplicate_images": duplicates},
             tensorboard_dir=tensorboard_dir,
             step=step,
         )
