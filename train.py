@@ -16,9 +16,8 @@ log = logging.getLogger("train")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from pipeline.run import summary, train  # imported here so `--help` and config errors come fast
-
     with one_line_errors(cfg.paths.output_dir, log, "; no metrics.json: this run did not finish"):
+        from pipeline.run import summary, train  # here: `--help` and config errors come fast, Ctrl-C is one line
         metrics = train(cfg)
     if metrics:  # a non-chief worker of a multi-worker run writes no reports
         print(f"{summary(metrics)}\nreports: {cfg.paths.output_dir}")

@@ -18,7 +18,7 @@ MAIN_KEYS = ("backbone.weights", "optimizer.learning_rate", "batch_size", "epoch
              "task.dropout_rate", "task.pooling", "task.trainable_layers", "task.fine_tune_epochs", "seed")
 # Overrides that name places or switches, not hyperparameters: they only make each run's table row wider.
 IGNORED_PREFIXES = ("paths.", "hydra.", "callbacks.", "verbose", "resume", "optimized_metric")
-STATUSES = ("success", "failure", "aborted", "running")
+STATUSES = ("success", "failure", "running")  # TensorBoard has no "interrupted": that is a failure
 
 
 def _scalar(value) -> bool | int | float | str:
@@ -106,7 +106,7 @@ def end_session(tensorboard_dir: str | Path, status: str) -> None:
 
     Args:
         tensorboard_dir: the folder `start_session` wrote to.
-        status: "success", "failure", "aborted" (interrupted) or "running".
+        status: "success", "failure" (an error, Ctrl-C, SIGTERM) or "running".
     """
     import tensorflow as tf
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
