@@ -17,6 +17,7 @@ log = logging.getLogger("train")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     with one_line_errors(cfg.paths.output_dir, log, "; no metrics.json: this run did not finish"):
+        pipeline.schema.check_run_config(cfg)  # before TensorFlow loads: a bad value is a quick one-line error
         from pipeline.run import summary, train  # here: `--help` and config errors come fast, Ctrl-C is one line
         metrics = train(cfg)
     if metrics:  # a non-chief worker of a multi-worker run writes no reports

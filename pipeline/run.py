@@ -19,6 +19,7 @@ from pipeline.distribute import barrier, fix_keras_multi_worker_fit, is_chief
 from pipeline.files import atomic_path, atomic_write_text
 from pipeline.hparams import chosen_hparams, end_session, hydra_choices_and_overrides, start_session
 from pipeline.reports import write_skipped_files
+from pipeline.schema import check_run_config
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The metrics also written to `metrics.json` (empty on non-chief workers).
     """
+    check_run_config(cfg)  # ranges (batch_size >= 1, ...), before anything is built
     strategy = instantiate(cfg.strategy)  # first: multi-worker and logical-CPU set-ups need a fresh runtime
     keras.backend.clear_session()  # sweeps in one process: free the previous job's models
     keras.utils.set_random_seed(cfg.seed)
