@@ -13,10 +13,26 @@ from pathlib import Path
 from typing import Iterator
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 
 from pipeline.hparams import end_session_if_started
 from pipeline.sweeps import JobFailed
+
+
+def describe_error(error: BaseException) -> str:
+    """`Type: message` of the error a user has to act on.
+
+    Hydra wraps an error raised inside an instantiated constructor in an InstantiationException whose
+    text is the original's repr (a list's line breaks as literal `\\n`); the original is shown instead,
+    with the config key whose constructor raised it.
+    """
+    key = None
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:  # nested: a task's backbone
+        if "full_key: " in str(error):
+            key = str(error).rsplit("full_key: ", 1)[1].strip()
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}" + (f" (in {key})" if key else "")
 
 
 class Terminated(KeyboardInterrupt):
@@ -98,7 +114,8 @@ def one_line_errors(output_dir: str, log: logging.Logger, note: str = "") -> Ite
             error_file.write_text(traceback.format_exc())
         except OSError:  # the disk may be the problem
             error_file = "error.txt: could not be written"
-        log.error("%s: %s\n(traceback in %s%s)", type(error).__name__, error, error_file, note)
+        message = describe_error(error)
+        log.error("%s\n(traceback in %s%s)", message, error_file, note)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise JobFailed(f"{type(error).__name__}: {error} (traceback in {error_file})") from error
+            raise JobFailed(f"{message} (traceback in {error_file})") from error
         sys.exit(1)

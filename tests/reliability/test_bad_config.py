@@ -73,3 +73,48 @@ def test_an_integer_learning_rate_is_a_float(tmp_path):
     import keras
 
     keras.optimizers.Adam(learning_rate=cfg.optimizer.learning_rate)  # Keras refuses the int 1
+
+
+@pytest.fixture(scope="module")
+def wrong_weights(tmp_path_factory):
+    """A garbage .h5 and the weights of a narrower MobileNet (alpha 0.5): wrong shapes everywhere."""
+    import keras
+
+    folder = tmp_path_factory.mktemp("weights")
+    (folder / "garbage.h5").write_bytes(b"this is not an HDF5 file\n" * 20)
+    keras.applications.MobileNet(include_top=False, weights=None, input_shape=(64, 64, 3), alpha=0.5).save_weights(
+        folder / "half.weights.h5")
+    keras.backend.clear_session()
+    return folder
+
+
+@pytest.mark.parametrize("name,message", [
+    ("garbage.h5", "cannot be read as Keras weights"),
+    ("half.weights.h5", "A total of 54 objects could not be loaded"),
+])
+def test_unusable_weight_files_are_one_short_line_naming_the_path(name, message, wrong_weights, photo_folder,
+                                                                  tmp_path):
+    path = wrong_weights / name
+    result = train_cli(tmp_path, *TINY, f"dataset.root={photo_folder}", f"backbone.weights={path}")
+    assert result.returncode == 1
+    line, = [line for line in result.stderr.splitlines() if "[train][ERROR]" in line]
+    assert message in line and str(path) in line, line
+    assert len(line) < 800 and "\\n" not in line and "e-0" not in line, line  # no tensor dump, no repr
+
+
+def test_an_error_inside_an_instantiated_constructor_keeps_its_lines_and_names_the_key(photo_folder, tmp_path):
+    import shutil
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from pipeline.cli import describe_error
+    from tests.conftest import compose_config
+
+    shutil.copy(photo_folder / "cat" / "cat_001.JPG", photo_folder / "rocket" / "copy.jpg")
+    cfg = compose_config([*TINY, f"dataset.root={photo_folder}", "dataset.on_duplicate=error"], tmp_path)
+    with pytest.raises(InstantiationException) as raised:
+        instantiate(cfg.dataset)
+    message = describe_error(raised.value)
+    assert message.startswith("ValueError: 1 file(s) have the same bytes") and message.endswith("(in dataset)")
+    assert "\n  cat/cat_001.JPG = rocket/copy.jpg\n" in message and "\\n" not in message
