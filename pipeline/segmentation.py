@@ -467,9 +467,46 @@ class COCOSegmentation(SegmentationData):
                     if not (mask_dir / f"{image_id}.png").is_file()]
             if todo:
                 log.info("Rendering %d COCO masks from %s into %s", len(todo), annotation_file, mask_dir)
+                drop_degenerate_polygons(coco, annotation_file)
             for image_id in todo:
                 mask = render_coco_mask(coco, image_id, self.class_of_category)
                 atomic_write_bytes(mask_dir / f"{image_id}.png", encode_mask_png(mask, palette=False))
+
+
+def drop_degenerate_polygons(coco, annotation_file: str | Path) -> list[dict]:
+    """Removes polygons of fewer than 3 points (pycocotools cannot render them) and lists what changed.
+
+    An annotation left without any polygon is skipped as a whole. Each is logged with the file, the
+    image id and the annotation id, so it can be fixed at the source.
+
+    Args:
+        coco: a `pycocotools.coco.COCO` object, changed in place.
+        annotation_file: its JSON file, for the log.
+
+    Returns:
+        The annotations that were changed or skipped (their ids and image ids).
+    """
+    changed, skipped = [], []
+    for annotation in coco.dataset.get("annotations", []):
+        polygons = annotation.get("segmentation")
+        if not isinstance(polygons, list):
+            continue  # RLE: pycocotools renders any
+        usable = [polygon for polygon in polygons
+                  if isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0]
+        if len(usable) == len(polygons):
+            continue
+        annotation["segmentation"] = usable
+        (changed if usable else skipped).append(annotation)
+    for annotation in skipped:  # also out of the index annToMask and getAnnIds read
+        coco.anns.pop(annotation["id"], None)
+        image_annotations = coco.imgToAnns.get(annotation["image_id"], [])
+        coco.imgToAnns[annotation["image_id"]] = [a for a in image_annotations if a is not annotation]
+    if changed or skipped:
+        listing = ", ".join(f"annotation {a['id']} (image {a['image_id']})" for a in (skipped + changed)[:20])
+        log.warning("%s: %d annotation(s) skipped and %d trimmed for polygons of fewer than 3 points, which "
+                    "cannot be drawn: %s%s", annotation_file, len(skipped), len(changed), listing,
+                    " ..." if len(skipped) + len(changed) > 20 else "")
+    return skipped + changed
 
 
 def render_coco_mask(coco, image_id: int, class_of_category: dict[int, int]) -> np.ndarray:
