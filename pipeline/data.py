@@ -219,7 +219,7 @@ def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list
     class_names = sorted(
         entry.name
         for entry in os.scandir(root)
-        if entry.is_dir() and not entry.name.startswith(".")  # follows links: a linked class counts
+        if _is_folder(entry) and not entry.name.startswith(".")  # follows links: a linked class counts
     )
     if len(class_names) < 2:
         raise ValueError(
@@ -253,6 +253,14 @@ def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list
     return class_names, files
 
 
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder or a link to one; a link loop or a broken link is a file (reported as unreadable later)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _walk_following_links(top: str):
     """(folder, file names) under `top`, sorted, following folder links but never into a loop."""
     stack = [(top, frozenset({os.path.realpath(top)}))]
@@ -267,7 +275,7 @@ def _walk_following_links(top: str):
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():  # a link to a folder included
+            if _is_folder(entry):  # a link to a folder included
                 real = os.path.realpath(entry.path)
                 if real in ancestors:
                     log.warning("Skipping %s: a symbolic link back to %s, which holds it (a loop).",
