@@ -43,6 +43,17 @@ def run(bin_dir: Path, folder: Path, *arguments: str, timeout: int = 900) -> sub
                           timeout=timeout, env=environment)
 
 
+def test_every_python_package_of_the_checkout_is_listed_for_the_wheel():
+    import tomllib
+
+    listed = set(tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(REPOSITORY).parts)
+             for top in ("pipeline", "hydra_plugins") for path in (REPOSITORY / top).rglob("*.py")
+             if "__pycache__" not in path.parts}
+    assert found - listed == set(), "add them to [tool.setuptools] packages in pyproject.toml"
+    assert listed - found == {"pipeline.conf"}, "conf/ is carried as pipeline/conf"
+
+
 @pytest.mark.slow  # a venv, a wheel build and a tiny run on the 456 demo photos: a few minutes
 def test_the_installed_train_command_trains_the_embedded_default_from_an_empty_folder(installed, tmp_path):
     where = run(installed, tmp_path, "python", "-c", "import pipeline, pipeline.apps; print(pipeline.__file__, "

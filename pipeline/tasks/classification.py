@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, read_image, tf_paths
-from pipeline.layers import ImagePreprocessing
+from pipeline.distribute import local_predictor
+from pipeline.layers import ImagePreprocessing, uint8_to_float32
 from pipeline.models import classification_head
 from pipeline.reports import top_k_accuracy, write_classification_reports
 
@@ -193,13 +194,12 @@ class ClassificationTask:
             step: the TensorBoard step (the last epoch).
         """
         metrics = {}
-        # A graph, not `model.predict`: under a multi-worker strategy the chief predicts alone, and
+        # Compiled, not `model.predict`: under a multi-worker strategy the chief predicts alone, and
         # `predict` would wait for the other workers. Eager calls would cost 3x more.
-        predict = tf.function(lambda inputs: model(inputs, training=False), reduce_retracing=True,
-                              autograph=False)  # AutoGraph would leave a module file in /tmp
+        predict = local_predictor(model)
         for name in ("validation", "test"):
             labels = data.splits[name].labels
-            probabilities = np.concatenate([predict(inputs).numpy() for inputs, _ in getattr(data, name)])
+            probabilities = np.concatenate([predict(inputs) for inputs, _ in getattr(data, name)])
             loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
             k = min(5, self.num_classes)
             metrics[name] = {f"{name}/loss": float(np.mean(loss)),
@@ -223,9 +223,15 @@ class ClassificationTask:
         )
 
     def export_model(self, model: keras.Model) -> keras.Model:
-        """The whole classifier on raw images: uint8 RGB of any size -> class probabilities."""
+        """The whole classifier on raw images: uint8 RGB of any size -> class probabilities.
+
+        Every call inside is made with `training=False`, so inference mode is part of the graph:
+        `Resizing` defaults to `training=True`, which otherwise switched the head's Dropout on in a
+        plain `model(x)` (and in SavedModel / ONNX exports traced from it).
+        """
         inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
-        return keras.Model(inputs, model(self.resizing(inputs)), name=model.name)
+        images = self.resizing(uint8_to_float32(inputs), training=False)
+        return keras.Model(inputs, model(images, training=False), name=model.name)
 
 
 def check_splits(splits: dict[str, Split]) -> None:

@@ -13,7 +13,9 @@ import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import tf_paths
+from pipeline.distribute import even_batches, local_predictor
 from pipeline.files import atomic_write_text
+from pipeline.layers import uint8_to_float32
 from pipeline.segmentation import (IGNORE_LABEL, JointAugmentation, SegmentationData, SegmentationSplit,
                                    fit_pair, load_pair, pair_dataset)
 from pipeline.segmentation_metrics import PixelAccuracy, confusion_histogram
@@ -207,12 +209,13 @@ class FCN32Task:
             tensorboard_dir: where report images and scalars are logged.
             step: the TensorBoard step.
         """
-        validation = model.evaluate(data.validation, return_dict=True, verbose=0)
+        validation = model.evaluate(even_batches(data.validation), return_dict=True, verbose=0)
+        predict = local_predictor(model)
         test = data.splits["test"]
         hist = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
         loss_sum, loss_pixels, examples = 0.0, 0, []
         for index, (image, mask) in enumerate(data.test):
-            probabilities = np.asarray(model.predict_on_batch(image))[0]
+            probabilities = predict(image)[0]
             labels = mask.numpy()[0]
             predicted = np.argmax(probabilities, axis=-1)
             hist += confusion_histogram(labels, predicted, self.num_classes)
@@ -238,9 +241,9 @@ class FCN32Task:
         )
 
     def export_model(self, model: keras.Model) -> keras.Model:
-        """uint8 RGB of any size -> per-pixel class probabilities at that size."""
+        """uint8 RGB of any size -> per-pixel class probabilities at that size, in inference mode."""
         inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
-        return keras.Model(inputs, model(inputs), name=model.name)
+        return keras.Model(inputs, model(uint8_to_float32(inputs), training=False), name=model.name)
 
 
 @tf.autograph.experimental.do_not_convert
