@@ -83,12 +83,12 @@ def test_duplicates_across_classes_are_counted_in_metrics_json(finished):
 
 
 def test_a_failed_run_ends_its_session_with_failure(photo_folder, tmp_path):
-    (photo_folder / "rocket").rename(tmp_path / "rocket")  # two classes left ...
-    for path in (photo_folder / "coffee").iterdir():       # ... and one of them without images
-        path.unlink()
+    cat = photo_folder / "cat"  # a truncated JPEG, found when caching, stops the run with on_bad_image=error
+    (cat / "truncated.jpg").write_bytes((cat / "cat_002.jpg").read_bytes()[:400])
     result = subprocess.run(
-        [sys.executable, "train.py", *TINY, f"dataset.root={photo_folder}", f"paths.root={tmp_path}",
-         f"hydra.run.dir={tmp_path / 'run'}"], cwd=CONF.parent, capture_output=True, text=True, timeout=600)
+        [sys.executable, "train.py", *TINY, f"dataset.root={photo_folder}", "dataset.on_bad_image=error",
+         f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=CONF.parent, capture_output=True,
+        text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
     hparams, status = session(tmp_path / "run" / "tensorboard")
     assert status == api_pb2.STATUS_FAILURE and hparams["backbone"] == "mobilenet"
