@@ -126,13 +126,13 @@ def test_a_sweep_killed_after_its_first_job_resumes_records_a_failed_job_and_sum
     markdown = (sweep / "sweep_summary.md").read_text()
     assert "| job | image_size | validation/accuracy |" in markdown and "| failed: ValueError: Backbone" in markdown
 
-    # `tensorboard --logdir <sweep>`: one HParams session per job, with its values, status and metrics
-    # (each final metric once, in the run of its split).
+    # `tensorboard --logdir <sweep>`: one HParams session per job that began training, with its values,
+    # status and metrics (each final metric once, in the run of its split). Job 1 failed while building
+    # its model, before its run folder was settled: it is in error.txt and the summary, not in TensorBoard.
     from tensorboard.plugins.hparams import api_pb2
 
     sessions = {group.hparams["image_size"].string_value: group for group in hparams_sessions(sweep)}
-    assert sorted(sessions) == ["[16, 16]", "[32, 32]", "[64, 64]"]
-    assert [session.status for session in sessions["[16, 16]"].sessions] == [api_pb2.STATUS_FAILURE]
+    assert sorted(sessions) == ["[32, 32]", "[64, 64]"]
     for job, size in (("0", "[64, 64]"), ("2", "[32, 32]")):
         group = sessions[size]
         assert [session.status for session in group.sessions] == [api_pb2.STATUS_SUCCESS]
