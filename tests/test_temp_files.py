@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import CONF, TINY
+from tests.conftest import CONF
 
 # Runs every task in one process and lists the temp folder from inside it, before any exit handler:
 # AutoGraph deletes its generated modules only at a normal exit, so a killed run (SIGKILL, a cluster's
