@@ -1,29 +1,9 @@
-"""Train a model from the Hydra configs in conf/: `python train.py [group=option ...] [key=value ...]`."""
+"""Train a model from the Hydra configs in conf/: `python train.py [group=option ...] [key=value ...]`.
 
-import logging
-import os
+The same app is `pipeline-train` once the package is installed (`pip install .`); see pipeline/apps.py.
+"""
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of logs
-
-import hydra
-from omegaconf import DictConfig
-
-import pipeline.schema  # noqa: F401  registers the types of conf/train.yaml's own keys
-from pipeline.cli import one_line_errors
-
-log = logging.getLogger("train")
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    from pipeline.run import summary, train  # imported here so `--help` and config errors come fast
-
-    with one_line_errors(cfg.paths.output_dir, log, "; no metrics.json: this run did not finish"):
-        metrics = train(cfg)
-    if metrics:  # a non-chief worker of a multi-worker run writes no reports
-        print(f"{summary(metrics)}\nreports: {cfg.paths.output_dir}")
-    return metrics.get(cfg.optimized_metric)  # what sweepers (Optuna) maximise
-
+from pipeline.apps import train as main
 
 if __name__ == "__main__":
     main()

@@ -97,15 +97,16 @@ class Classifier:
         """Decoded (and cropped) images in `paths` order, batched."""
         import tensorflow as tf
 
-        from pipeline.data import decode_image
+        from pipeline.data import decode_image, tf_paths
 
+        @tf.autograph.experimental.do_not_convert  # AutoGraph would leave a module file in /tmp
         def load(path):
             image = decode_image(tf.io.read_file(path))
             if self.image_size is None:
                 return image
             return central_crop(image, self.image_size, self.crop_fraction)
 
-        images = tf.data.Dataset.from_tensor_slices(list(paths)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        images = tf.data.Dataset.from_tensor_slices(tf_paths(paths)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
         return images.batch(batch_size if self.image_size else 1).prefetch(tf.data.AUTOTUNE)
 
     def probabilities(self, paths: list[str], batch_size: int = 32) -> np.ndarray:

@@ -21,9 +21,11 @@ from pipeline.backbones import weights_fingerprint
 from pipeline.callbacks import ResumeState, drop_history_from
 from pipeline.distribute import barrier, check_backend, even_batches, fix_keras_multi_worker_fit, is_chief
 from pipeline.files import atomic_path, atomic_write_text
-from pipeline.reports import merge_metrics_json, write_hparams, write_skipped_files
+from pipeline.hparams import chosen_hparams, end_session, hydra_choices_and_overrides, start_session
+from pipeline.reports import merge_metrics_json, write_skipped_files
 from pipeline.runs import (RunFolderBusy, folder_fingerprint, lock_folder, mark_finished, mark_unfinished,
                            release_folder, set_aside)
+from pipeline.schema import check_run_config
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The metrics also written to `metrics.json` (empty on non-chief workers).
     """
+    check_run_config(cfg)  # ranges (batch_size >= 1, ...), before anything is built
     backend = keras.backend.backend()
     check_backend(cfg.strategy._target_, strategy_choice())
     if backend == "jax":
@@ -71,6 +74,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         start_in(Path(cfg.paths.output_dir), continuing=False)
     output_dir = Path(cfg.paths.output_dir)  # the interrupted run's folder when continuing it
     tensorboard_dir = output_dir / "tensorboard"
+    if chief:  # HParams lists the run from now on; cli.py ends the session of a failed run
+        start_session(tensorboard_dir, chosen_hparams(cfg, *hydra_choices_and_overrides()))
     if chief:
         data = task.datasets(cfg.batch_size)  # transfer: runs the frozen base once per uncached image
     barrier(strategy, "features cached")
@@ -110,8 +115,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Reports; metrics.json is written last of all, so a run folder that has it is a finished run.
     metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=history.epoch[-1] + 1
                             if history.epoch else cfg.epochs)
-    write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
     metrics = merge_metrics_json(output_dir / "metrics.json", {"backend": backend})  # not a TensorBoard scalar
+    end_session(tensorboard_dir, "success")
     mark_finished(output_dir)
     if resume_dir is not None and chief:
         release_folder(resume_dir)

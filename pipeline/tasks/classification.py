@@ -57,6 +57,7 @@ def epochs_of(examples: tf.data.Dataset, count: int, batch_size: int, seed: int,
         augment: applied to each batch.
     """
 
+    @tf.autograph.experimental.do_not_convert  # plain graph code: AutoGraph would write a module file per function to /tmp
     def one_epoch(epoch):
         shuffled = examples.shuffle(count, seed=seed * 1_000_003 + epoch)
         if load is not None:
@@ -161,6 +162,7 @@ class ClassificationTask:
             return tf.data.Dataset.from_tensor_slices(
                 (tf_paths(self.dataset.absolute(paths)), self.dataset.orientations(paths), split.labels))
 
+        @tf.autograph.experimental.do_not_convert
         def load(path, orientation, label):
             return self.resizing(tf.cast(read_image(path, orientation), tf.float32)), label
 
@@ -168,6 +170,7 @@ class ClassificationTask:
             batches = files(split).map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
             return batches.prefetch(tf.data.AUTOTUNE)
 
+        @tf.autograph.experimental.do_not_convert
         def augment(images, labels):
             return self.augmentation(images, training=True), labels
 
@@ -203,6 +206,8 @@ class ClassificationTask:
                              f"{name}/accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
                              f"{name}/top_{k}_accuracy": top_k_accuracy(labels, probabilities, k)}
         test = data.splits["test"]
+        # Copies of another file's bytes in another class or split (ImageFolder finds them).
+        duplicates = sum(len(group) - 1 for group in getattr(self.dataset, "duplicates", []))
         return write_classification_reports(
             output_dir,
             class_names=self.dataset.class_names,
@@ -212,7 +217,7 @@ class ClassificationTask:
             image_paths=self.dataset.absolute(test.relative_paths),
             split="test",
             extra_metrics={**metrics["validation"], "test/loss": metrics["test"]["test/loss"],
-                           "skipped_images": len(data.skipped)},
+                           "skipped_images": len(data.skipped), "duplicate_images": duplicates},
             tensorboard_dir=tensorboard_dir,
             step=step,
         )

@@ -168,9 +168,11 @@ class FCN32Task:
         examples = tf.data.Dataset.from_tensor_slices(
             (tf_paths(train_split.image_paths), tf_paths(train_split.mask_paths), tf.range(len(train_split))))
 
+        @tf.autograph.experimental.do_not_convert  # AutoGraph would leave module files in /tmp
         def one_epoch(epoch):
             epoch_seed = tf.cast(self.seed, tf.int64) * 1_000_003 + epoch
 
+            @tf.autograph.experimental.do_not_convert
             def load(image_path, mask_path, index):
                 # A stateless seed per (epoch, example): the same augmentation on a resumed run.
                 seed = tf.stack([epoch_seed, tf.cast(index, tf.int64)])
@@ -244,6 +246,7 @@ class FCN32Task:
         return keras.Model(inputs, model(uint8_to_float32(inputs), training=False), name=model.name)
 
 
+@tf.autograph.experimental.do_not_convert
 def as_labels(image: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(float32 image, int32 labels): the loss and metrics take int labels, 255 = ignore."""
     return image, tf.cast(mask, tf.int32)
