@@ -26,13 +26,13 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from pipeline.backbones import Backbone
-from pipeline.data import decode_image
+from pipeline.data import decode_error, decode_image
 from pipeline.files import atomic_path, atomic_write_bytes, atomic_write_text
 from pipeline.imagenet import NUM_CLASSES, imagenet_class_names, short_name
 from pipeline.importers.convert import copy_matching_layers
 from pipeline.layers import ImagePreprocessing
 from pipeline.models import STRIDE
-from pipeline.predict import find_images
+from pipeline.predict import find_images, warn_if_random
 from pipeline.reports import render_png
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ def fully_convolutional(backbone: Backbone, pooling_window: int = 1) -> FullyCon
         pooling_window: for a global-average-pooling head, the cells each output cell averages
             (1: the dense head as a 1x1 convolution on the feature map).
     """
+    warn_if_random(backbone)
     classifier = backbone.build(include_top=True)
     if classifier.output_shape[-1] != NUM_CLASSES:
         raise ValueError(f"Backbone {backbone.name!r} has {classifier.output_shape[-1]} outputs, not the "
@@ -266,7 +267,8 @@ def plot_annotation(image: np.ndarray, annotation: Annotation, max_classes: int 
     if (codes == len(shown)).any():
         palette.append((0.85, 0.85, 0.85))
         others = len([entry for entry in annotation.classes if entry["share"] > 0]) - len(shown)
-        labels.append(f"other ({others} classes, {100 * (codes == len(shown)).mean():.0f} %)")
+        labels.append(f"other ({others} {'class' if others == 1 else 'classes'}, "
+                      f"{100 * (codes == len(shown)).mean():.0f} %)")
 
     height, width = image.shape[:2]
     figure = Figure(figsize=(2 * 5.0 * width / max(height, width) + 3.0, 5.0 * height / max(height, width) + 0.8))
@@ -334,9 +336,10 @@ def annotate(cfg: DictConfig) -> list[dict]:
     for path in paths:
         try:
             image = decode_image(tf.io.read_file(os.fsencode(path))).numpy()  # any file name's bytes
-        except tf.errors.OpError as error:
-            log.warning("Skipping unreadable image %s: %s", path, error.message.strip())
-            records.append({"path": path, "error": error.message.strip()})
+        except tf.errors.OpError:
+            reason = decode_error(path) or "could not be decoded"  # the decoder's reason, without op text
+            log.warning("Skipping unreadable image %s: %s", path, reason)
+            records.append({"path": path, "error": reason})
             continue
         name = Path(path).stem
         folder, copy = name, 1
@@ -348,6 +351,8 @@ def annotate(cfg: DictConfig) -> list[dict]:
         records.append(write_annotation(output_dir / folder, path, image, annotation, network.window,
                                         cfg.max_classes))
     atomic_write_text(output_dir / "annotations.json", json.dumps(records, indent=2) + "\n")
+    log.info("Annotated %d image(s) with %s; wrote %s", sum("error" not in record for record in records),
+             cfg.backbone.name, output_dir / "annotations.json")
     return records
 
 

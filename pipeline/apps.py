@@ -21,7 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 import pipeline.schema  # noqa: F401  registers the types of conf/train.yaml's own keys
-from pipeline.cli import one_line_errors
+from pipeline.checks import check_train_config
+from pipeline.cli import one_line_errors, quiet_tensorflow_start
 
 
 def config_path() -> str:
@@ -51,7 +52,10 @@ def train(cfg: DictConfig) -> float | None:
     _names_keep_their_bytes()
     log = logging.getLogger("train")
     with one_line_errors(cfg.paths.output_dir, log, "; no metrics.json: this run did not finish"):
-        pipeline.schema.check_run_config(cfg)  # before TensorFlow loads: a bad value is a quick one-line error
+        # Config, ranges and data root before TensorFlow loads: a mistake is reported in a second.
+        check_train_config(cfg)
+        pipeline.schema.check_run_config(cfg)
+        quiet_tensorflow_start()
         from pipeline.run import summary, train as run  # here: `--help` and config errors come fast
 
         metrics = run(cfg)
@@ -66,6 +70,8 @@ def predict(cfg: DictConfig) -> None:
     _names_keep_their_bytes()
     log = logging.getLogger("predict")
     with one_line_errors(cfg.paths.output_dir, log):
+        if not str(cfg.model or "").endswith((".onnx", ".tflite")):  # those run without TensorFlow
+            quiet_tensorflow_start()
         from pipeline.predict import format_table, predict as run
 
         records = run(cfg)
@@ -78,6 +84,7 @@ def annotate(cfg: DictConfig) -> None:
     _names_keep_their_bytes()
     log = logging.getLogger("annotate")
     with one_line_errors(cfg.paths.output_dir, log):
+        quiet_tensorflow_start()
         from pipeline.annotate import annotate as run, format_classes
 
         records = run(cfg)
@@ -92,6 +99,7 @@ def export(cfg: DictConfig) -> None:
     with one_line_errors(cfg.paths.output_dir, log, "; nothing was exported"):
         from omegaconf import OmegaConf
 
+        quiet_tensorflow_start()
         from pipeline.export.run import export_run, summary
 
         options = OmegaConf.to_container(cfg, resolve=True)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -94,9 +95,13 @@ class Backbone:
         height, width = image_size or self.input_size
         weights = self._weights_argument(include_top)
         try:
-            model = self.application(
-                include_top=include_top, weights=weights, input_shape=(height, width, 3)
-            )
+            # Keras warns once per layer a wrong weights file does not fit, then raises anyway:
+            # hold the warnings back and show them only if the model was built.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = self.application(
+                    include_top=include_top, weights=weights, input_shape=(height, width, 3)
+                )
         except OSError as error:  # h5py: not an HDF5 file, or a truncated one
             if weights in (None, "imagenet"):
                 raise
@@ -106,6 +111,13 @@ class Backbone:
                 "it again, or give a checkpoint the backbone's importer reads."
             ) from error
         except ValueError as error:
+            if weights not in (None, "imagenet") and self._builds_without_weights(height, width, include_top):
+                detail = " ".join(str(error).split("\n\n")[:2]).replace("\n", " ")[:400]
+                raise ValueError(
+                    f"backbone.weights={self.weights!r} does not fit backbone {self.name!r} "
+                    f"(include_top={include_top}): {detail} Give a weights file saved from this "
+                    f"architecture{' with' if include_top else ' without'} its top, or backbone.weights=imagenet."
+                ) from error
             raise ValueError(
                 f"Backbone {self.name!r} cannot be built with image_size=[{height}, {width}], "
                 f"include_top={include_top}, weights={weights!r}: {short_message(error)}"
@@ -113,20 +125,34 @@ class Backbone:
         except Exception as error:  # keras.utils.get_file raises a bare Exception when offline
             if weights != "imagenet":
                 raise
+            if include_top:  # an ImageNet classifier is wanted (predict, annotate): random weights are no use
+                advice = ("Offline, use backbone=mobilenet_v1, mobilenet_v2_torchvision or efficientnet_lite0 "
+                          "(their ImageNet classifiers ship in pip packages), or "
+                          f"backbone.weights=/path/to/{self.name}_weights.h5 with the classifier included.")
+            else:
+                advice = ("Offline, use backbone=mobilenet_v1, mobilenet_v2_torchvision, efficientnet_lite0 or "
+                          "vgg16_hed (their weights ship in pip packages), backbone.weights=null for random "
+                          "initialisation, or backbone.weights=/path/to/file.weights.h5.")
             raise RuntimeError(
                 f"Could not get ImageNet weights for backbone {self.name!r}: {error}\n"
-                "keras.applications downloads them, which needs a network. Offline, use "
-                "backbone=mobilenet_v1, mobilenet_v2_torchvision or efficientnet_lite0 (their "
-                "weights ship in pip packages), "
-                "backbone.weights=null for random initialisation, or "
-                "backbone.weights=/path/to/file.weights.h5."
+                f"keras.applications downloads them, which needs a network. {advice}"
             ) from error
+        for warning in caught:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         if not include_top:
             model = keras.Model(
                 model.input, model.get_layer(self.feature_layer).output, name=self.name
             )
         model.trainable = self.trainable
         return model
+
+    def _builds_without_weights(self, height: int, width: int, include_top: bool) -> bool:
+        """Whether the architecture builds at this size with random weights (then a file was wrong)."""
+        try:
+            self.application(include_top=include_top, weights=None, input_shape=(height, width, 3))
+        except ValueError:
+            return False
+        return True
 
     def feature_extractor(self, image_size: list[int] | None = None) -> keras.Model:
         """Preprocessing plus the base: float RGB in [0, 255] to stride-32 feature maps."""

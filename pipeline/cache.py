@@ -164,7 +164,8 @@ class FeatureCache:
         extract = self._predictor()
         total = math.ceil(len(paths) / batch_size)
         written = {}
-        for indices, digests, batch in tqdm(images, total=total, desc=description, unit="batch"):
+        # disable=None: no progress bar when stderr is not a terminal (a log file gets the summary line).
+        for indices, digests, batch in tqdm(images, total=total, desc=description, unit="batch", disable=None):
             features = extract(batch).astype(np.float32, copy=False)  # float16 under mixed_float16
             for index, digest, feature in zip(indices.numpy(), digests.numpy(), features):
                 entry = self.entry(digest.decode())

@@ -54,7 +54,8 @@ class ImageFolder:
     Args:
         root: folder holding one sub-folder per class.
         validation_percent: share of images for validation, 0..100.
-        test_percent: share of images for the test split, 0..100.
+        test_percent: share of images for the test split, 0..100; 0: no test split (the run then
+            reports on the validation split).
         extensions: file extensions taken as images, compared case-insensitively.
         on_bad_image: "skip" lists unreadable images in the log and `skipped_files.txt` and trains
             on the rest; "error" stops the run at the first check that finds one.

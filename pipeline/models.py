@@ -18,13 +18,32 @@ STRIDE = 32  # pixels per cell of the feature layer every backbone here is cut a
 def classification_head(
     feature_shape: tuple[int, ...], num_classes: int, dropout_rate: float, pooling: str
 ) -> keras.Model:
-    """Pooling, dropout and a softmax dense layer (in float32, also under mixed precision)."""
+    """Pooling, batch normalisation, dropout and a softmax dense layer (float32 from the normalisation on).
+
+    The normalisation makes the head indifferent to the scale of the backbone's features: ReLU6
+    bases (MobileNet) give pooled values in [0, 6], HED's VGG16 up to several hundred, where a bare
+    dense layer starts with logits in the hundreds, an epoch-1 loss above 10, and ends 10 epochs at
+    a training accuracy of 0.7. Per channel, as scikit-learn's StandardScaler before a logistic
+    regression: LayerNormalization (per example, over channels) keeps the channels' unequal scales
+    and still trained HED's features to only 0.8. Its moving statistics use momentum 0.9 rather than
+    Keras's 0.99, so they have settled after the few dozen steps of a transfer run, and are
+    synchronised over replicas (TensorFlow), so `mirrored` trains exactly as one device does. In
+    float32: squares of values in the hundreds overflow float16.
+
+    Args:
+        feature_shape: `(height, width, channels)` of the base's feature maps.
+        num_classes: outputs of the softmax.
+        dropout_rate: dropout before the dense layer.
+        pooling: "avg" or "max" over the feature map.
+    """
     pools = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
     if pooling not in pools:
         raise ValueError(f"task.pooling must be 'avg' or 'max'; got {pooling!r}.")
     features = keras.Input(feature_shape, name="features")
     x = pools[pooling](name="pool")(features)
-    x = keras.layers.Dropout(dropout_rate, name="dropout")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, synchronized=keras.backend.backend() == "tensorflow",
+                                        dtype="float32", name="normalization")(x)
+    x = keras.layers.Dropout(dropout_rate, dtype="float32", name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(features, outputs, name="head")
 

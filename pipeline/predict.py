@@ -127,6 +127,7 @@ def imagenet_classifier(backbone: Backbone, crop_fraction: float = 0.875) -> Cla
     from pipeline.imagenet import NUM_CLASSES, imagenet_class_names
     from pipeline.layers import ImagePreprocessing
 
+    warn_if_random(backbone)
     network = backbone.build(include_top=True)
     if network.output_shape[-1] != NUM_CLASSES:
         raise ValueError(
@@ -140,13 +141,25 @@ def imagenet_classifier(backbone: Backbone, crop_fraction: float = 0.875) -> Cla
     return Classifier(model, list(imagenet_class_names()), tuple(backbone.input_size), crop_fraction)
 
 
+def warn_if_random(backbone: Backbone) -> None:
+    """Warns that `backbone.weights=null` makes a classifier of random weights: every class near 1/1000."""
+    if backbone.weights is None:
+        log.warning("backbone.weights=null: %s's classifier has random weights, so every class gets about "
+                    "%.4f and the names below mean nothing. Use backbone.weights=imagenet (offline: "
+                    "backbone=mobilenet_v1, mobilenet_v2_torchvision or efficientnet_lite0).",
+                    backbone.name, 1 / NUM_CLASSES)
+
+
 def class_names_beside(model_path: str | os.PathLike) -> list[str]:
     """The class names of a training run, in its `model.keras`'s output order, from files beside it.
 
     `class_names.json` (a JSON list) if the run wrote one, else the header row of
-    `confusion_matrix.csv`: `true \\ predicted, <class 0>, <class 1>, ...`.
+    `confusion_matrix.csv`: `true \\ predicted, <class 0>, <class 1>, ...`. For a checkpoint in a
+    run's `checkpoints/`, the files of the run folder above it.
     """
     folder = Path(model_path).parent
+    if folder.name == "checkpoints" and not (folder / "class_names.json").is_file():
+        folder = folder.parent  # a run's checkpoints/best.keras: the names are in the run folder
     if (folder / "class_names.json").is_file():
         return [str(name) for name in json.loads((folder / "class_names.json").read_text(encoding="utf-8"))]
     matrix = folder / "confusion_matrix.csv"
@@ -163,8 +176,12 @@ def class_names_beside(model_path: str | os.PathLike) -> list[str]:
 def exported_classifier(model_path: str | os.PathLike, class_names: list[str] | None = None) -> Classifier:
     """A `model.keras` written by a training run: uint8 RGB of any size in, its own classes out.
 
+    A task=classification checkpoint (`checkpoints/best.keras`, images at the run's `image_size`)
+    is wrapped in the same resize; a task=transfer checkpoint (the head on feature maps) is refused
+    with the path of the run's `model.keras`.
+
     Args:
-        model_path: the run's `model.keras`.
+        model_path: the run's `model.keras`, or a task=classification run's checkpoint.
         class_names: names in output order; None reads them from the run's `confusion_matrix.csv`.
     """
     import keras
@@ -173,8 +190,23 @@ def exported_classifier(model_path: str | os.PathLike, class_names: list[str] | 
 
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model={model_path!r} does not exist; give a run's model.keras.")
-    names = list(class_names) if class_names is not None else class_names_beside(model_path)
     model = keras.saving.load_model(model_path, safe_mode=True)
+    shape = model.input_shape
+    if len(shape) != 4 or shape[-1] != 3:
+        run_dir = Path(model_path).parent.parent if Path(model_path).parent.name == "checkpoints" else None
+        raise ValueError(
+            f"{model_path} takes inputs of shape {tuple(shape[1:])}, not RGB images: a task=transfer "
+            "checkpoint is the head alone, trained on the backbone's cached feature maps. Pass the run's "
+            f"model.keras ({run_dir / 'model.keras' if run_dir else 'in the run folder'}), the whole "
+            "classifier on images."
+        )
+    if shape[1] is not None and shape[2] is not None:
+        # A task=classification checkpoint takes float images at the run's image_size: resize whole
+        # images exactly as training and the exported model.keras do (bilinear, no crop).
+        inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
+        resized = keras.layers.Resizing(shape[1], shape[2], interpolation="bilinear", name="resize")(inputs)
+        model = keras.Model(inputs, model(resized), name=model.name)
+    names = list(class_names) if class_names is not None else class_names_beside(model_path)
     if len(names) != model.output_shape[-1]:
         raise ValueError(
             f"{model_path} has {model.output_shape[-1]} outputs but {len(names)} class names were given "
@@ -312,4 +344,6 @@ def predict(cfg: DictConfig) -> list[dict]:
     results = [records.get(path, {"path": path, "error": bad.get(path)}) for path in paths]
     output = Path(cfg.paths.output_dir) / "predictions.json"
     atomic_write_text(output, json.dumps(results, indent=2) + "\n")
+    log.info("Classified %d image(s) (%d unreadable) with %s; wrote %s", len(readable), len(bad),
+             cfg.model or cfg.backbone.name, output)
     return results

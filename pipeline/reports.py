@@ -417,9 +417,9 @@ def render_png(figure: Figure, dpi: int = 100) -> bytes:
 
 
 def plot_confusion_matrix(
-    matrix: np.ndarray, class_names: list[str], title: str = "confusion matrix"
+    matrix: np.ndarray, class_names: list[str], title: str = "confusion matrix", cell_values: str = "counts"
 ) -> Figure:
-    """Counts in cells, coloured by the row-normalised value (recall per true class).
+    """Counts (or row percentages) in cells, coloured by the row-normalised value (recall per true class).
 
     Colour by row so a rare class's mistakes are as visible as a frequent class's; the figure and
     fonts scale with the number of classes so 2 to about 40 classes stay legible.
@@ -428,7 +428,12 @@ def plot_confusion_matrix(
         matrix: [C, C] confusion matrix, rows = true class.
         class_names: C names, in label-index order.
         title: figure title.
+        cell_values: "counts" writes each count (images: a few digits); "percent" writes the share
+            of the true class in whole percent, empty where nothing fell, for pixel counts whose
+            five or more digits would not fit in a cell (the CSV keeps the counts).
     """
+    if cell_values not in ("counts", "percent"):
+        raise ValueError(f"cell_values must be 'counts' or 'percent'; got {cell_values!r}.")
     num_classes = len(class_names)
     normalised = _safe_divide(matrix, matrix.sum(axis=1, keepdims=True))
     side = float(np.clip(0.45 * num_classes + 3.0, 5.0, 22.0))
@@ -436,6 +441,7 @@ def plot_confusion_matrix(
     axes = figure.add_subplot()
     image = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
+    texts = matrix.astype(str) if cell_values == "counts" else _percent_texts(normalised)
 
     label_size = float(np.clip(320 / num_classes, 7, 12))
     names = [_shorten(str(name), 24) for name in class_names]
@@ -462,13 +468,22 @@ def plot_confusion_matrix(
                 axes.text(
                     column,
                     row,
-                    str(matrix[row, column]),
+                    texts[row, column],
                     ha="center",
                     va="center",
                     color=colour,
                     fontsize=count_size,
                 )
     return figure
+
+
+def _percent_texts(normalised: np.ndarray) -> np.ndarray:
+    """Row fractions as at most three characters: "100", "37", "<1", and "" for exactly zero."""
+    percent = 100 * normalised
+    texts = np.char.mod("%.0f", percent).astype(object)
+    texts[(percent > 0) & (percent < 0.5)] = "<1"
+    texts[percent == 0] = ""
+    return texts
 
 
 def load_thumbnail(path: str | Path, size: int = THUMBNAIL_SIZE) -> np.ndarray:

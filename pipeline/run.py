@@ -14,11 +14,14 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.backbones import weights_fingerprint
 from pipeline.callbacks import ResumeState, drop_history_from
+from pipeline.checks import check_train_config
+from pipeline.cli import progress_verbosity
 from pipeline.distribute import barrier, check_backend, even_batches, fix_keras_multi_worker_fit, is_chief
 from pipeline.files import atomic_path, atomic_write_text
 from pipeline.hparams import chosen_hparams, end_session, hydra_choices_and_overrides, start_session
@@ -42,6 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The metrics also written to `metrics.json` (empty on non-chief workers).
     """
+    check_train_config(cfg)  # cheap; the train app has run both already, before importing TensorFlow
     check_run_config(cfg)  # ranges (batch_size >= 1, ...), before anything is built
     backend = keras.backend.backend()
     check_backend(cfg.strategy._target_, strategy_choice())
@@ -49,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         keras.distribution.set_distribution(None)  # a previous sweep job's data_parallel
         tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data: the GPUs are JAX's
     # First: multi-worker, multi-process and logical-CPU set-ups need a fresh runtime.
-    strategy = instantiate(cfg.strategy)
+    strategy = start_strategy(cfg.strategy)
     log.info("Keras backend: %s; strategy: %s", backend, type(strategy).__name__)
     keras.backend.clear_session()  # sweeps in one process: free the previous job's models
     keras.utils.set_random_seed(cfg.seed)
@@ -125,6 +129,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def start_strategy(config: DictConfig):
+    """Instantiates the `strategy` group (a `tf.distribute` strategy, or a `keras.distribution` one
+    under JAX); a failure names the strategy's keys a user can set.
+
+    Args:
+        config: `cfg.strategy`.
+    """
+    try:
+        return instantiate(config)
+    except Exception as error:
+        cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+        keys = [(f"strategy.{key}", value) for key, value in _leaves(config) if not key.endswith("_target_")]
+        settings = " ".join(f"{key}={value!r}" for key, value in keys) or "(none)"
+        example = f"e.g. {keys[0][0]}=VALUE, " if keys else ""
+        raise RuntimeError(
+            f"Could not start the strategy {config._target_}: {cause} Its settings: {settings}. Set them on "
+            f"the command line ({example}see conf/strategy/), or choose another strategy=... (strategy=default "
+            "runs on this machine's devices)."
+        ) from error
+
+
+def _leaves(config: DictConfig, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every non-dict value in `config`."""
+    leaves = []
+    for key, value in config.items():
+        if isinstance(value, DictConfig):
+            leaves += _leaves(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
+
+
 def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_epoch: int,
         end_epoch: int, resume_dir: Path | None = None) -> keras.callbacks.History:
     """`model.fit` from where an interrupted run of the same command stopped, if it did.
@@ -169,7 +205,7 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
     # even_batches: a no-op but under a multi-device keras.distribution, which needs equal shards.
     history = model.fit(even_batches(data.train(first_epoch, end_epoch)),
                         steps_per_epoch=data.steps_per_epoch, validation_data=even_batches(data.validation), initial_epoch=first_epoch, epochs=end_epoch,
-                        callbacks=callbacks, verbose=cfg.verbose,
+                        callbacks=callbacks, verbose=progress_verbosity(cfg.verbose),
                         shuffle=False)  # each epoch's shuffle is in data.train, keyed by the epoch
     check_finite(history, Path(cfg.paths.output_dir))
     return history
@@ -312,6 +348,8 @@ def check_finite(history: keras.callbacks.History, output_dir: Path) -> None:
 
 
 def summary(metrics: dict[str, float]) -> str:
-    """The test metrics on one line: `test/accuracy 0.9773, test/loss 0.0712, ...`."""
+    """The test metrics on one line: `test/accuracy 0.9773, test/loss 0.0712, ...` (the validation
+    metrics when the run has no test split)."""
+    split = "test/" if any(name.startswith("test/") for name in metrics) else "validation/"
     return ", ".join(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
-                     for name, value in metrics.items() if name.startswith("test/"))
+                     for name, value in metrics.items() if name.startswith(split))

@@ -32,7 +32,7 @@ class TrainConfig:
     seed: int = 42
     epochs: int = 10
     batch_size: int = 32
-    image_size: list[int] = MISSING
+    image_size: Any = MISSING  # [height, width] or one int for a square: pipeline.checks.image_size_pair
     verbose: Any = "auto"
     jit_compile: Any = "auto"
     deterministic: bool = False

@@ -33,7 +33,7 @@ def write_segmentation_reports(
     """Writes the reports of one evaluated split and returns its metrics (`{split}/mean_iu`, ...).
 
     Files in `run_dir`, each written atomically: `per_class_iou.csv`, `confusion_matrix.csv`,
-    `confusion_matrix.png` (pixel counts), `predictions.png` (image / ground truth / prediction
+    `confusion_matrix.png` (% of each true class's pixels), `predictions.png` (image / ground truth / prediction
     overlays with the colour legend) and `metrics.json` last (merged with earlier keys).
 
     Args:
@@ -57,8 +57,10 @@ def write_segmentation_reports(
 
     atomic_write_text(run_dir / "per_class_iou.csv", format_per_class_iou_csv(hist, class_names))
     atomic_write_text(run_dir / "confusion_matrix.csv", format_confusion_matrix_csv(hist, class_names))
-    images = {"confusion_matrix": render_png(plot_confusion_matrix(hist, class_names,
-                                                                   title=f"{split} pixel confusion matrix"))}
+    # Pixel counts have five or more digits: the picture shows percentages, the CSV the counts.
+    images = {"confusion_matrix": render_png(plot_confusion_matrix(
+        hist, class_names, title=f"{split} pixels: % of each true class (counts in confusion_matrix.csv)",
+        cell_values="percent"))}
     atomic_write_bytes(run_dir / "confusion_matrix.png", images["confusion_matrix"])
     if examples:
         images["predictions"] = render_png(plot_overlays(examples, class_names))

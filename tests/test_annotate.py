@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from pipeline.annotate import annotate, fully_convolutional, recast, upsample_scores, working_size
+from pipeline.annotate import (Annotation, annotate, fully_convolutional, plot_annotation, recast, upsample_scores,
+                               working_size)
+from pipeline.data import decode_error
 from pipeline.importers.convert import copy_matching_layers
 from pipeline.layers import ImagePreprocessing
 from tests.conftest import CONF, compose_config
@@ -104,10 +106,15 @@ def test_working_size_is_a_multiple_of_32_within_bounds():
 
 
 def test_annotate_writes_the_maps_figure_and_classes_of_real_photos(tmp_path):
-    cfg = compose_annotate([f"inputs=[{PHOTOS / 'coffee.png'},{PHOTOS / 'chelsea.png'}]"], tmp_path)
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("not a JPEG")
+    cfg = compose_annotate([f"inputs=[{PHOTOS / 'coffee.png'},{PHOTOS / 'chelsea.png'},{broken}]"], tmp_path)
     records = annotate(cfg)
     assert json.loads((tmp_path / "run" / "annotations.json").read_text()) == records
-    coffee, cat = records
+    coffee, cat, unreadable = records
+    # The decoder's reason, as predict.py prints it, without TensorFlow's op text.
+    assert unreadable == {"path": str(broken), "error": decode_error(str(broken))}
+    assert "[Op:" not in unreadable["error"] and "{{" not in unreadable["error"]
     assert coffee["classes"][0]["name"] == "espresso" and coffee["classes"][0]["share"] > 0.5
     assert 281 <= cat["classes"][0]["index"] <= 285  # a cat class covers most of the cat photo
     for record, shape in ((coffee, (400, 600)), (cat, (300, 451))):
@@ -131,3 +138,15 @@ def test_command_line_composes_the_config_without_loading_tensorflow():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pipeline.importers.slim.vgg16_checkpoint_weights" in result.stdout
     assert "pooling_window: 7" in result.stdout
+
+
+def test_the_legend_names_one_other_class_in_the_singular():
+    label_map = np.repeat(np.array([[1, 1, 2, 3]]), 4, axis=0)
+    classes = [{"index": index, "name": f"n0000000{index}, class {index}", "share": share, "best_score": 0.9}
+               for index, share in ((1, 0.5), (2, 0.25), (3, 0.25))]
+    annotation = Annotation(np.zeros((1, 1, 4)), np.zeros((1, 1), dtype=int), label_map, classes)
+    figure = plot_annotation(np.zeros((4, 4, 3), dtype=np.uint8), annotation, max_classes=2)
+    labels = [label.get_text() for label in figure.axes[-1].get_yticklabels()]
+    assert labels[-1] == "other (1 class, 25 %)", labels
+    figure = plot_annotation(np.zeros((4, 4, 3), dtype=np.uint8), annotation, max_classes=1)
+    assert figure.axes[-1].get_yticklabels()[-1].get_text() == "other (2 classes, 50 %)"

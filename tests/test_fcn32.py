@@ -10,6 +10,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -153,8 +154,8 @@ def test_the_vgg16_recipe_composes_with_fc6_fc7_as_convolutions(tmp_path):
 
 def test_segmentation_needs_a_segmentation_dataset_and_batch_1_at_the_original_size(photo_folder, tmp_path):
     cfg = compose_config([*FAST, "dataset=folder", f"dataset.root={photo_folder}"], tmp_path)
-    with pytest.raises(ValueError, match="task=fcn32 needs a segmentation dataset"):
-        instantiate(cfg.task).datasets(2)
+    with pytest.raises(InstantiationException, match="task=fcn32 needs a segmentation dataset"):
+        instantiate(cfg.task)  # before any model is built
     with pytest.raises(ValueError, match="Set batch_size=1"):
         build(tmp_path, "task.original_size=true").datasets(2)
 

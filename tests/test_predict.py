@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,12 @@ def test_predict_with_a_transfer_runs_model_and_its_class_names(photo_folder, tm
         assert record["top_k"][0]["probability"] == pytest.approx(expected.max(), abs=1e-6)
     with pytest.raises(ValueError, match="3 outputs but 2 class names"):
         predict(compose_predict([f"model={model_path}", f"inputs=[{photos[0]}]", "class_names=[a,b]"], tmp_path))
+    (run_dir / "checkpoints").mkdir()
+    task.build_model().save(run_dir / "checkpoints" / "best.keras")  # what a transfer run checkpoints: the head
+    with pytest.raises(ValueError, match=f"checkpoint is the head alone.*Pass the run's model.keras "
+                                         f"\\({run_dir / 'model.keras'}\\)"):
+        predict(compose_predict([f"model={run_dir / 'checkpoints' / 'best.keras'}", f"inputs=[{photos[0]}]"],
+                                tmp_path))
     (run_dir / "class_names.json").write_text('["kitten", "espresso", "launch"]')  # preferred when present
     assert predict(cfg)[0]["top_k"][0]["name"] in ("kitten", "espresso", "launch")
     (run_dir / "confusion_matrix.csv").unlink()
@@ -150,6 +157,37 @@ def test_command_line_prints_the_table_and_writes_predictions_json(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert " 967  " in result.stdout and "espresso" in result.stdout
     assert json.loads((tmp_path / "out" / "predictions.json").read_text())[0]["top_k"][0]["name"] == "espresso"
+
+
+def test_random_weights_are_named_in_a_warning(tmp_path, caplog):
+    records = predict(compose_predict(["backbone.weights=null", f"inputs=[{PHOTOS[1]}]"], tmp_path))
+    assert records[0]["top_k"][0]["probability"] < 0.01, "a random classifier: about 1/1000 each"
+    assert "backbone.weights=null: mobilenet_v1's classifier has random weights" in caplog.text
+
+
+def test_offline_advice_names_the_offline_backbones_not_random_weights(tmp_path):
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}  # no network
+    result = subprocess.run([sys.executable, "predict.py", "backbone=mobilenet_v2", f"inputs=[{PHOTOS[1]}]",
+                             f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}"],
+                            cwd=CONF.parent, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 1
+    assert "Could not get ImageNet weights for backbone 'mobilenet_v2'" in result.stderr, result.stderr[-2000:]
+    assert "use backbone=mobilenet_v1, mobilenet_v2_torchvision or efficientnet_lite0" in result.stderr
+    assert "weights=null" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["predict", "annotate"])
+def test_help_lists_only_the_backbone_group_and_runs_have_their_own_folder(script):
+    result = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=CONF.parent, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert groups.split() == ["backbone:", *[f"{name}," for name in sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))[:-1]],
+                              sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))[-1]]
+    assert "inputs: []" in result.stdout
+    hydra = subprocess.run([sys.executable, f"{script}.py", "--cfg", "hydra"], cwd=CONF.parent,
+                           capture_output=True, text=True, timeout=120)
+    assert f"dir: outputs/{script}/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}-${{pid:}}" in hydra.stdout
 
 
 @pytest.mark.parametrize("config_name", ["predict", "annotate"])

@@ -317,3 +317,20 @@ def test_checkpoint_keeps_best_at_its_epoch_while_last_moves_on(tmp_path):
     assert saved_bias("last.keras") == 3.0
     assert saved_bias("best.keras") == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras", "last.keras"]  # no temporary left
+
+
+def test_pixel_confusion_matrix_shows_row_percentages_that_fit_and_the_csv_keeps_counts(tmp_path):
+    from pipeline.segmentation_reports import write_segmentation_reports
+
+    hist = np.array([[95391, 15334, 0], [1229, 90662, 3], [0, 0, 0]])
+    names = ["background", "person", "chair"]
+    figure = reports.plot_confusion_matrix(hist, names, cell_values="percent")
+    texts = [text.get_text() for text in figure.axes[0].texts]
+    assert texts == ["86", "14", "", "1", "99", "<1", "", "", ""]
+    write_segmentation_reports(tmp_path, class_names=names, hist=hist)
+    rows = read_csv(tmp_path / "confusion_matrix.csv")
+    assert [[int(value) for value in row[1:]] for row in rows[1:]] == hist.tolist()
+    with Image.open(tmp_path / "confusion_matrix.png") as image:
+        assert image.format == "PNG"
+    with pytest.raises(ValueError, match="cell_values must be 'counts' or 'percent'"):
+        reports.plot_confusion_matrix(hist, names, cell_values="fractions")

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
+from pipeline.checks import image_size_pair
 from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, read_image, tf_paths
 from pipeline.distribute import local_predictor
 from pipeline.layers import ImagePreprocessing, uint8_to_float32
@@ -29,7 +30,8 @@ class TaskData:
             exactly the batches an uninterrupted run sees from epoch k on.
         steps_per_epoch: batches per training epoch.
         validation: unshuffled batches in `splits["validation"]` order.
-        test: unshuffled batches in `splits["test"]` order.
+        test: unshuffled batches in `splits["test"]` order; None when the dataset has no test split
+            (`dataset.test_percent=0`: the reports are then on the validation split).
         splits: the readable examples of each split, in dataset order (`Split`, or
             `pipeline.segmentation.SegmentationSplit` for segmentation).
         skipped: (path, reason) of every unreadable image left out.
@@ -38,7 +40,7 @@ class TaskData:
     train: Callable[[int, int], tf.data.Dataset]
     steps_per_epoch: int
     validation: tf.data.Dataset
-    test: tf.data.Dataset
+    test: tf.data.Dataset | None
     splits: dict
     skipped: list[tuple[str, str]]
 
@@ -78,7 +80,7 @@ class ClassificationTask:
     Args:
         backbone: the pretrained (or randomly initialised) base.
         dataset: the folder-per-class images.
-        image_size: `[height, width]` the model sees.
+        image_size: `[height, width]` the model sees (one int: a square).
         dropout_rate: dropout before the classifier.
         pooling: "avg" or "max" over the stride-32 feature map.
         trainable_layers: layers of the base to train, counted from the top: 0 keeps it frozen,
@@ -87,6 +89,7 @@ class ClassificationTask:
         seed: shuffling seed.
     """
 
+    task_name = "classification"  # the option of conf/task/, for messages
     loss = "sparse_categorical_crossentropy"
     fine_tune_epochs = 0  # only the transfer task has a second, fine-tuning phase
 
@@ -101,9 +104,15 @@ class ClassificationTask:
         augmentation: list[keras.layers.Layer] | None = None,
         seed: int = 0,
     ):
+        if not isinstance(dataset, ImageFolder):
+            raise ValueError(
+                f"task={self.task_name} needs a folder-per-class dataset (dataset=demo, or dataset=folder "
+                f"dataset.root=...); got {type(dataset).__name__}, a segmentation dataset. For segmentation "
+                f"add task=fcn32: python train.py task=fcn32 dataset=voc_demo."
+            )
         self.backbone = backbone
         self.dataset = dataset
-        self.image_size = tuple(image_size)
+        self.image_size = tuple(image_size_pair(image_size))
         self.dropout_rate = dropout_rate
         self.pooling = pooling
         self.trainable_layers = trainable_layers
@@ -155,7 +164,7 @@ class ClassificationTask:
         paths, not images.
         """
         splits, skipped = self.readable_splits()
-        check_splits(splits)
+        check_splits(splits, without_test=self.dataset.test_percent == 0)
 
         def files(split: Split) -> tf.data.Dataset:
             paths = split.relative_paths
@@ -177,11 +186,13 @@ class ClassificationTask:
         train, steps = epochs_of(files(splits["train"]), len(splits["train"]), batch_size, self.seed,
                                  load=load, augment=augment if self.augmentation is not None else None)
         return TaskData(train=train, steps_per_epoch=steps, validation=unshuffled(splits["validation"]),
-                        test=unshuffled(splits["test"]), splits=splits, skipped=skipped)
+                        test=unshuffled(splits["test"]) if len(splits["test"]) else None, splits=splits,
+                        skipped=skipped)
 
     def evaluate(self, model: keras.Model, data: TaskData, output_dir: Path, tensorboard_dir: Path,
                  step: int) -> dict[str, float]:
-        """Predicts validation and test in order and writes the reports of the test split.
+        """Predicts validation and test in order and writes the reports of the test split (of the
+        validation split when there is no test split).
 
         Predictions are a loop over the batches on this process, so under a multi-worker strategy
         the chief evaluates alone and the order always matches the labels.
@@ -197,7 +208,10 @@ class ClassificationTask:
         # Compiled, not `model.predict`: under a multi-worker strategy the chief predicts alone, and
         # `predict` would wait for the other workers. Eager calls would cost 3x more.
         predict = local_predictor(model)
+        reported = "test" if data.test is not None else "validation"
         for name in ("validation", "test"):
+            if getattr(data, name) is None:
+                continue
             labels = data.splits[name].labels
             probabilities = np.concatenate([predict(inputs) for inputs, _ in getattr(data, name)])
             loss = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
@@ -205,18 +219,18 @@ class ClassificationTask:
             metrics[name] = {f"{name}/loss": float(np.mean(loss)),
                              f"{name}/accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
                              f"{name}/top_{k}_accuracy": top_k_accuracy(labels, probabilities, k)}
-        test = data.splits["test"]
+        split = data.splits[reported]
         # Copies of another file's bytes in another class or split (ImageFolder finds them).
         duplicates = sum(len(group) - 1 for group in getattr(self.dataset, "duplicates", []))
         return write_classification_reports(
             output_dir,
             class_names=self.dataset.class_names,
-            labels=test.labels,
+            labels=split.labels,
             probabilities=probabilities,
-            relative_paths=test.relative_paths,
-            image_paths=self.dataset.absolute(test.relative_paths),
-            split="test",
-            extra_metrics={**metrics["validation"], "test/loss": metrics["test"]["test/loss"],
+            relative_paths=split.relative_paths,
+            image_paths=self.dataset.absolute(split.relative_paths),
+            split=reported,
+            extra_metrics={**metrics["validation"], f"{reported}/loss": metrics[reported][f"{reported}/loss"],
                            "skipped_images": len(data.skipped), "duplicate_images": duplicates},
             tensorboard_dir=tensorboard_dir,
             step=step,
@@ -234,10 +248,15 @@ class ClassificationTask:
         return keras.Model(inputs, model(images, training=False), name=model.name)
 
 
-def check_splits(splits: dict[str, Split]) -> None:
-    """Every split needs images: say which is empty and what to change."""
+def check_splits(splits: dict[str, Split], without_test: bool = False) -> None:
+    """Every split needs images (the test split not when `without_test`): say which is empty and why.
+
+    Args:
+        splits: the readable examples of each split.
+        without_test: the dataset asked for no test split (`dataset.test_percent=0`).
+    """
     for name, split in splits.items():
-        if len(split) == 0:
+        if len(split) == 0 and not (name == "test" and without_test):
             raise ValueError(
                 f"The {name} split has no images. Add images, or change dataset.validation_percent "
                 f"/ dataset.test_percent (a file's split comes from a hash of its path)."

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
+from pipeline.checks import image_size_pair
 from pipeline.data import tf_paths
 from pipeline.distribute import even_batches, local_predictor
 from pipeline.files import atomic_write_text
@@ -75,9 +76,13 @@ class FCN32Task:
     ):
         if upsampling not in ("auto", "per_class", "dense"):
             raise ValueError(f"task.upsampling must be 'auto', 'per_class' or 'dense'; got {upsampling!r}.")
+        if not isinstance(dataset, SegmentationData):  # checked here, before any model is built
+            raise ValueError(f"task=fcn32 needs a segmentation dataset (dataset=voc, voc_sbd, voc_demo or coco); "
+                             f"got {type(dataset).__name__}. For a folder-per-class dataset use "
+                             "task=transfer or task=classification.")
         self.backbone = backbone
         self.dataset = dataset
-        self.image_size = tuple(image_size)
+        self.image_size = tuple(image_size_pair(image_size))
         self.classifier_layers = [self._check_layer(spec) for spec in classifier_layers or []]
         self.upsampling = upsampling
         self.trainable_upsampling = trainable_upsampling
@@ -155,9 +160,6 @@ class FCN32Task:
         Args:
             batch_size: the global batch size.
         """
-        if not isinstance(self.dataset, SegmentationData):
-            raise ValueError(f"task=fcn32 needs a segmentation dataset (dataset=voc, voc_sbd, voc_demo or coco); "
-                             f"got {type(self.dataset).__name__}.")
         if self.original_size and batch_size != 1:
             raise ValueError(f"task.original_size=true trains each image at its own size, so batches hold one "
                              f"image; got batch_size={batch_size}. Set batch_size=1 (the reference recipe) or "

@@ -38,6 +38,8 @@ class TransferTask(ClassificationTask):
         **kwargs: the arguments of `ClassificationTask`.
     """
 
+    task_name = "transfer"
+
     def __init__(
         self,
         cache_dir: str,
@@ -93,7 +95,7 @@ class TransferTask(ClassificationTask):
             splits[name] = Split([split.relative_paths[i] for i in keep], split.labels[keep])
             entries[name] = [fill.entries[i] for i in keep]
             skipped += fill.bad
-        check_splits(splits)
+        check_splits(splits, without_test=self.dataset.test_percent == 0)
 
         train_entries, train_labels = list(entries["train"]), splits["train"].labels
         for view in range(self.augmented_views):
@@ -115,7 +117,7 @@ class TransferTask(ClassificationTask):
             return features.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
         return TaskData(train=train, steps_per_epoch=steps, validation=unshuffled("validation"),
-                        test=unshuffled("test"), splits=splits, skipped=skipped)
+                        test=unshuffled("test") if entries["test"] else None, splits=splits, skipped=skipped)
 
     def _augmentation_config(self) -> str:
         return json.dumps([layer.get_config() for layer in self.augmentation.layers], sort_keys=True,
