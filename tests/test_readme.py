@@ -184,6 +184,12 @@ def test_readme_command(command, tmp_path, monkeypatch):
         assert compose_train_jobs(arguments, tmp_path) >= 1
     elif program in SCRIPTS:
         compose_tool(SCRIPTS[program], arguments, tmp_path)
+    elif program == "export.py":  # conf/export.yaml composed; tests/test_export.py runs real exports
+        from pipeline.export import FORMATS
+
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra_compose(config_name="export", overrides=[f"paths.output_dir={tmp_path}", *arguments])
+        assert cfg.run_dir and set(cfg.formats) <= set(FORMATS), cfg
     elif program == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert set(arguments) <= set(targets), f"make {arguments}: the Makefile has {targets}"
@@ -204,7 +210,7 @@ def test_readme_command(command, tmp_path, monkeypatch):
 def test_the_readme_python_example_runs_on_an_exported_model(photo_folder, tmp_path, monkeypatch):
     from hydra.utils import instantiate
 
-    (example,) = fenced_blocks(README.read_text(encoding="utf-8"), "python")
+    example = fenced_blocks(README.read_text(encoding="utf-8"), "python")[0]  # loading model.keras
     task = instantiate(compose_config([*TINY, f"dataset.root={photo_folder}"], tmp_path).task)
     model_path = tmp_path / "model.keras"
     task.export_model(task.build_model()).save(model_path)
