@@ -16,7 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.callbacks import ResumeState
-from pipeline.distribute import barrier, check_backend, even_batches, fix_keras_multi_worker_fit, is_chief
+from pipeline.distribute import (KERAS_DISTRIBUTIONS, barrier, check_backend, even_batches, fix_keras_multi_worker_fit,
+                                 is_chief, saving_is_collective)
 from pipeline.files import atomic_path, atomic_write_text
 from pipeline.reports import merge_metrics_json, write_hparams, write_skipped_files
 
@@ -39,11 +40,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_backend(cfg.strategy._target_, strategy_choice())
     if backend == "jax":
         keras.distribution.set_distribution(None)  # a previous sweep job's data_parallel
-        tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data: the GPUs are JAX's
+        try:
+            tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data: the GPUs are JAX's
+        except RuntimeError:  # TensorFlow's runtime already started (an earlier job in this process)
+            pass
     # First: multi-worker, multi-process and logical-CPU set-ups need a fresh runtime.
     strategy = instantiate(cfg.strategy)
     log.info("Keras backend: %s; strategy: %s", backend, type(strategy).__name__)
     keras.backend.clear_session()  # sweeps in one process: free the previous job's models
+    if isinstance(strategy, KERAS_DISTRIBUTIONS):
+        keras.distribution.set_distribution(strategy)  # clear_session forgot it
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -80,6 +86,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                       first_epoch=cfg.epochs, end_epoch=cfg.epochs + task.fine_tune_epochs)
 
     if not chief:
+        if saving_is_collective():  # the chief's save below waits for this one
+            with atomic_path(output_dir / "model.keras") as path:
+                task.export_model(model).save(path)
         shutil.rmtree(output_dir, ignore_errors=True)
         return {}
     with atomic_path(output_dir / "model.keras") as path:
@@ -119,12 +128,17 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
             log.info("Every %s epoch had finished (%s): evaluating", phase, resume.directory)
         elif first_epoch:
             log.info("Resuming %s training at epoch %d from %s", phase, first_epoch + 1, resume.directory)
+        if not chief and saving_is_collective():  # saves with the chief, into its own temporary folder
+            resume = ResumeState(Path(cfg.paths.output_dir) / "resume" / phase)
         callbacks = [*callbacks, resume]
     if first_epoch >= end_epoch:  # the run stopped after its last epoch (in evaluation): no epoch is left
         history = keras.callbacks.History()
         history.epoch, history.history = [], {}
         return history
     fix_keras_multi_worker_fit(model, strategy, data.train)
+    distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    if distribution is not None:
+        log.info("model.fit: each batch split over %d devices", distribution.num_model_replicas)
     # even_batches: a no-op but under a multi-device keras.distribution, which needs equal shards.
     history = model.fit(even_batches(data.train(first_epoch, end_epoch)),
                         steps_per_epoch=data.steps_per_epoch, validation_data=even_batches(data.validation), initial_epoch=first_epoch, epochs=end_epoch,
