@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import tf_paths
-from pipeline.distribute import even_batches, local_predictor
+from pipeline.distribute import even_batches, local_predictor, saving_is_collective
 from pipeline.files import atomic_write_text
 from pipeline.segmentation import (IGNORE_LABEL, JointAugmentation, SegmentationData, SegmentationSplit,
                                    fit_pair, load_pair, pair_dataset)
@@ -157,6 +157,9 @@ class FCN32Task:
         if not isinstance(self.dataset, SegmentationData):
             raise ValueError(f"task=fcn32 needs a segmentation dataset (dataset=voc, voc_sbd, voc_demo or coco); "
                              f"got {type(self.dataset).__name__}.")
+        if saving_is_collective():  # model.evaluate below would wait for processes that do not evaluate
+            raise ValueError("task=fcn32 runs on one JAX process (its evaluation runs on process 0 alone); "
+                             "use strategy=data_parallel over this machine's devices, without JAX_NUM_PROCESSES.")
         if self.original_size and batch_size != 1:
             raise ValueError(f"task.original_size=true trains each image at its own size, so batches hold one "
                              f"image; got batch_size={batch_size}. Set batch_size=1 (the reference recipe) or "
