@@ -110,6 +110,7 @@ def test_transfer_under_jax_cold_then_warm_cache_and_its_model_loads_under_tenso
         assert abs(float(probabilities.max()) - float(row["probability"])) < 1e-4
 
 
+@pytest.mark.slow
 def test_classification_with_augmentation_trains_under_jax(shared, tmp_path):
     metrics, _ = run_jax(tmp_path, "run", *photo_run(shared, "task=classification", "task.trainable_layers=3"))
     assert metrics["backend"] == "jax" and np.isfinite(metrics["test/loss"])
