@@ -324,7 +324,7 @@ def annotate(cfg: DictConfig) -> list[dict]:
     Returns:
         The records of `annotations.json`.
     """
-    paths = find_images(list(cfg.inputs))
+    paths = find_images(cfg.inputs)
     network = fully_convolutional(instantiate(cfg.backbone), cfg.pooling_window)
     output_dir = Path(cfg.paths.output_dir)
     records, folders = [], set()

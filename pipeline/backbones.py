@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import random
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import keras
 import numpy as np
@@ -68,6 +70,12 @@ class Backbone:
             )
 
     def _weights_argument(self, include_top: bool) -> str | None:
+        # Converting weights builds throw-away models whose initialisers draw random numbers; only the
+        # first run converts, so without this a cold and a warm cache would initialise the head apart.
+        with preserved_random_state():
+            return self._converted_weights(include_top)
+
+    def _converted_weights(self, include_top: bool) -> str | None:
         if self.weights == "imagenet" and self.imagenet_weights is not None:
             return self.imagenet_weights(include_top=include_top)
         if self.checkpoint_importer is not None and self.weights not in (None, "imagenet") and not str(
@@ -118,6 +126,30 @@ class Backbone:
         inputs = keras.Input(base.input_shape[1:], name="image")
         x = ImagePreprocessing(self.preprocessing, name="preprocessing")(inputs)
         return keras.Model(inputs, base(x, training=False), name=f"{self.name}_features")
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Restores every random state Keras draws from (Python, NumPy, Keras's global seed) on exit.
+
+    Keras initialisers without a seed draw one from Python's `random`; `keras.random` calls without a
+    seed advance the global `SeedGenerator`. Code run inside leaves the rest of the run's random
+    numbers exactly as if it had not run, so results do not depend on what a cache already holds.
+    """
+    from keras.src.backend.common import global_state  # Keras keeps its global seed generator here
+    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    generator = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+    generator_state = None if generator is None else keras.ops.convert_to_numpy(generator.state)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, generator)
+        if generator is not None:
+            generator.state.assign(generator_state)
 
 
 def weights_fingerprint(model: keras.Model) -> str:

@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from pipeline.files import as_list
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
@@ -75,7 +77,7 @@ class ImageFolder:
                 "validation_percent + test_percent must be in [0, 100) so training keeps images; "
                 f"got {self.validation_percent} + {self.test_percent}."
             )
-        self.extensions = tuple(extension.lower() for extension in self.extensions)
+        self.extensions = tuple(extension.lower() for extension in as_list(self.extensions))
         self.class_names, files = scan_folder(self.root, self.extensions)
         by_split = {name: ([], []) for name in SPLITS}
         for label, relative_path in files:

@@ -7,7 +7,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -69,3 +69,21 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := file.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def as_list(value: str | os.PathLike | Iterable[str] | None) -> list[str]:
+    """One path (`inputs=photos/`) or a list of them (`inputs=[a.jpg,photos/]`) as a list of strings.
+
+    A string is one item: iterating it would give its characters, each taken for a path.
+
+    Args:
+        value: a string, a path, a list or tuple (or an OmegaConf ListConfig) of them, or None.
+    """
+    def text(item) -> str:
+        return os.fsdecode(item) if isinstance(item, (bytes, os.PathLike)) else str(item)
+
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return [text(value)]
+    return [text(item) for item in value]

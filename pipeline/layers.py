@@ -80,7 +80,11 @@ class PadToMultiple(keras.layers.Layer):
         shape = ops.shape(inputs)
         pad_height = (self.multiple - (shape[1] + self.offset) % self.multiple) % self.multiple
         pad_width = (self.multiple - (shape[2] + self.offset) % self.multiple) % self.multiple
-        return ops.pad(inputs, [[0, 0], [self.offset, pad_height], [self.offset, pad_width], [0, 0]])
+        padded = ops.pad(inputs, [[0, 0], [self.offset, pad_height], [self.offset, pad_width], [0, 0]])
+        # TensorFlow's pad with computed sizes forgets even the channel count; restating it lets the
+        # convolutions after it convert to LiteRT's built-in ops at any input size.
+        return ops.reshape(padded, (-1, shape[1] + self.offset + pad_height, shape[2] + self.offset + pad_width,
+                                    inputs.shape[-1]))
 
     def compute_output_shape(self, input_shape):
         rounded = lambda side: (None if side is None else  # noqa: E731
@@ -111,6 +115,16 @@ class CropOrPad(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         x_shape, reference_shape = input_shape
         return (x_shape[0], reference_shape[1], reference_shape[2], x_shape[3])
+
+
+def uint8_to_float32(images):
+    """An explicit uint8 -> float32 cast at the top of an exported model.
+
+    Without it `Resizing` keeps uint8 (rounding its result) when called eagerly, while in a graph
+    Keras feeds it float32: the same model gave two answers. Float32 also under mixed precision,
+    so the resize matches the float32 one the training data went through.
+    """
+    return ImagePreprocessing("none", dtype="float32", name="to_float32")(images)
 
 
 def _at_least_zero(size):

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from pipeline.backbones import Backbone
 from pipeline.data import decode_image, find_bad_images
-from pipeline.files import atomic_write_text
+from pipeline.files import as_list, atomic_write_text
 from pipeline.imagenet import NUM_CLASSES, imagenet_class_names
 from pipeline.layers import ImagePreprocessing
 
@@ -26,17 +26,18 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
-def find_images(inputs: list[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
+def find_images(inputs: str | list[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
     """Image files named in `inputs`: files as given, folders searched recursively (sorted, hidden skipped).
 
     Args:
-        inputs: image files and folders.
+        inputs: image files and folders, or one of them.
         extensions: what counts as an image inside a folder (any case).
 
     Raises:
         FileNotFoundError: an input does not exist.
         ValueError: no inputs, or no image among them.
     """
+    inputs = as_list(inputs)
     if not inputs:
         raise ValueError("No inputs: give image files or folders, e.g. inputs=[photo.jpg,photos/].")
     found = []
@@ -209,7 +210,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     Returns:
         The records written: each image's path and its top-k classes (or the reason it was skipped).
     """
-    paths = find_images(list(cfg.inputs))
+    paths = find_images(cfg.inputs)
     if cfg.model:
         classifier = exported_classifier(cfg.model, list(cfg.class_names) if cfg.class_names else None)
     else:

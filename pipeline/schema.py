@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -15,7 +15,8 @@ class Paths:
     root: str = MISSING
     data_dir: str = MISSING
     cache_dir: str = MISSING
-    output_dir: str = MISSING
+    # Hydra's runtime.output_dir is None under `--cfg job --resolve`, which prints and does not run.
+    output_dir: Optional[str] = MISSING
     resume_dir: str = MISSING
 
 

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 from hydra.utils import instantiate
 
 from tests.conftest import CONF, TINY, compose_config
@@ -127,3 +128,13 @@ def test_weights_from_a_file_and_clear_errors_for_wrong_or_missing_files(tmp_pat
         vgg.build()
     with pytest.raises(Exception, match="neither 'imagenet', null, nor an existing file"):
         instantiate(compose_config(["backbone=vgg16", f"backbone.weights={tmp_path}/nope.h5"], tmp_path).backbone)
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "annotate.py"])
+def test_cfg_job_resolve_prints_the_resolved_config(script, tmp_path):
+    result = subprocess.run([sys.executable, script, "--cfg", "job", "--resolve", f"paths.root={tmp_path}"],
+                            cwd=CONF.parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["paths"]["cache_dir"] == f"{tmp_path}/.cache"  # interpolations resolved
+    assert printed["paths"]["output_dir"] is None  # --cfg prints without running: no run folder

@@ -8,11 +8,12 @@ import shutil
 import keras
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 from PIL import Image
 
 from pipeline.data import ImageFolder, decode_image, find_bad_images, handle_bad_images
 from pipeline.layers import ImagePreprocessing
-from tests.conftest import write_photo_folder
+from tests.conftest import TINY, compose_config, write_photo_folder
 
 
 def test_classes_files_and_extensions_in_any_case(photo_folder):
@@ -97,3 +98,10 @@ def test_preprocessing_layer_equals_keras_preprocess_input(mode):
     images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     expected = keras.applications.imagenet_utils.preprocess_input(images.copy(), mode=mode)
     np.testing.assert_allclose(ImagePreprocessing(mode)(images), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_one_extension_without_brackets_is_one_extension(photo_folder, tmp_path):
+    cfg = compose_config([*TINY, f"dataset.root={photo_folder}", "dataset.extensions=.PNG"], tmp_path)
+    folder = instantiate(cfg.dataset)
+    assert folder.extensions == (".png",)
+    assert sum(len(split) for split in folder.splits.values()) == 9  # every 4th photo of 3 x 12 is a .png

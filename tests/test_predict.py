@@ -150,3 +150,15 @@ def test_command_line_prints_the_table_and_writes_predictions_json(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert " 967  " in result.stdout and "espresso" in result.stdout
     assert json.loads((tmp_path / "out" / "predictions.json").read_text())[0]["top_k"][0]["name"] == "espresso"
+
+
+@pytest.mark.parametrize("config_name", ["predict", "annotate"])
+def test_one_path_without_brackets_is_one_input(config_name, tmp_path):
+    """`inputs=/path/to/photos` (what users type) is one folder, not a list of its characters."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    cfg = compose_predict([f"inputs={tmp_path / 'photos'}"], tmp_path, config_name)
+    assert find_images(cfg.inputs) == [str(tmp_path / "photos" / "a.jpg")]
+    cfg = compose_predict([f"inputs=[{tmp_path / 'photos'},{tmp_path / 'photos' / 'a.jpg'}]"], tmp_path,
+                          config_name)
+    assert find_images(cfg.inputs) == [str(tmp_path / "photos" / "a.jpg")] * 2

@@ -14,7 +14,7 @@ import tensorflow as tf
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, read_image, tf_paths
 from pipeline.distribute import local_predictor
-from pipeline.layers import ImagePreprocessing
+from pipeline.layers import ImagePreprocessing, uint8_to_float32
 from pipeline.models import classification_head
 from pipeline.reports import top_k_accuracy, write_classification_reports
 
@@ -219,9 +219,15 @@ class ClassificationTask:
         )
 
     def export_model(self, model: keras.Model) -> keras.Model:
-        """The whole classifier on raw images: uint8 RGB of any size -> class probabilities."""
+        """The whole classifier on raw images: uint8 RGB of any size -> class probabilities.
+
+        Every call inside is made with `training=False`, so inference mode is part of the graph:
+        `Resizing` defaults to `training=True`, which otherwise switched the head's Dropout on in a
+        plain `model(x)` (and in SavedModel / ONNX exports traced from it).
+        """
         inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
-        return keras.Model(inputs, model(self.resizing(inputs)), name=model.name)
+        images = self.resizing(uint8_to_float32(inputs), training=False)
+        return keras.Model(inputs, model(images, training=False), name=model.name)
 
 
 def check_splits(splits: dict[str, Split]) -> None:

@@ -15,6 +15,7 @@ from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.data import tf_paths
 from pipeline.distribute import even_batches, local_predictor, saving_is_collective
 from pipeline.files import atomic_write_text
+from pipeline.layers import uint8_to_float32
 from pipeline.segmentation import (IGNORE_LABEL, JointAugmentation, SegmentationData, SegmentationSplit,
                                    fit_pair, load_pair, pair_dataset)
 from pipeline.segmentation_metrics import PixelAccuracy, confusion_histogram
@@ -241,9 +242,9 @@ class FCN32Task:
         )
 
     def export_model(self, model: keras.Model) -> keras.Model:
-        """uint8 RGB of any size -> per-pixel class probabilities at that size."""
+        """uint8 RGB of any size -> per-pixel class probabilities at that size, in inference mode."""
         inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
-        return keras.Model(inputs, model(inputs), name=model.name)
+        return keras.Model(inputs, model(uint8_to_float32(inputs), training=False), name=model.name)
 
 
 def as_labels(image: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -12,6 +12,7 @@ import tensorflow as tf
 from pipeline.backbones import unfreeze_top, weights_fingerprint
 from pipeline.cache import FeatureCache, feature_dataset
 from pipeline.data import Split, handle_bad_images
+from pipeline.layers import uint8_to_float32
 from pipeline.tasks.classification import ClassificationTask, TaskData, check_splits, epochs_of
 
 log = logging.getLogger(__name__)
@@ -131,9 +132,14 @@ class TransferTask(ClassificationTask):
         return super().datasets(batch_size)
 
     def export_model(self, model: keras.Model) -> keras.Model:
-        """uint8 RGB of any size -> resize -> preprocessing -> base -> head."""
+        """uint8 RGB of any size -> resize -> preprocessing -> base -> head, in inference mode.
+
+        `training=False` on every call fixes Dropout off inside the graph (see
+        `ClassificationTask.export_model`).
+        """
         if model.name == "head":
             inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
-            outputs = model(self.extractor(self.resizing(inputs)))
+            images = self.resizing(uint8_to_float32(inputs), training=False)
+            outputs = model(self.extractor(images, training=False), training=False)
             return keras.Model(inputs, outputs, name=f"{self.backbone.name}_classifier")
         return super().export_model(model)
