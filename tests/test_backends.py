@@ -41,8 +41,7 @@ def shared(tmp_path_factory):
     from pipeline.importers.slim import mobilenet_v1_weights
 
     root = tmp_path_factory.mktemp("backends")
-    # Converted here, first: a run that converts builds extra models, which moves the random seed on
-    # and gives its head other initial weights than a run that only loads them.
+    # Converted once here (about 40 s), not in the first run of each test.
     mobilenet_v1_weights(root / "cache" / "weights")
     keras.backend.clear_session()
     return {"photos": write_photo_folder(root / "photos"), "cache": root / "cache"}
