@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.callbacks import ResumeState
-from pipeline.distribute import (KERAS_DISTRIBUTIONS, barrier, check_backend, even_batches, fix_keras_multi_worker_fit,
-                                 is_chief, saving_is_collective)
+from pipeline.distribute import (KERAS_DISTRIBUTIONS, barrier, check_backend, even_batches,
+                                 fix_keras_multi_worker_fit, is_chief, saving_is_collective)
 from pipeline.files import atomic_path, atomic_write_text
 from pipeline.reports import merge_metrics_json, write_hparams, write_skipped_files
 
@@ -140,9 +140,9 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
     if distribution is not None:
         log.info("model.fit: each batch split over %d devices", distribution.num_model_replicas)
     # even_batches: a no-op but under a multi-device keras.distribution, which needs equal shards.
-    history = model.fit(even_batches(data.train(first_epoch, end_epoch)),
-                        steps_per_epoch=data.steps_per_epoch, validation_data=even_batches(data.validation), initial_epoch=first_epoch, epochs=end_epoch,
-                        callbacks=callbacks, verbose=cfg.verbose,
+    history = model.fit(even_batches(data.train(first_epoch, end_epoch)), steps_per_epoch=data.steps_per_epoch,
+                        validation_data=even_batches(data.validation), initial_epoch=first_epoch,
+                        epochs=end_epoch, callbacks=callbacks, verbose=cfg.verbose,
                         shuffle=False)  # each epoch's shuffle is in data.train, keyed by the epoch
     check_finite(history, Path(cfg.paths.output_dir))
     return history
