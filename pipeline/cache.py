@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from pipeline.data import decode_error, read_image, tf_paths
+from pipeline.data import apply_orientation, decode_error, decode_image, tf_paths
 from pipeline.distribute import local_predictor
 from pipeline.files import atomic_write_bytes, atomic_write_text, sha256_file
 
@@ -43,7 +43,9 @@ class FeatureCache:
     The file name is the sha256 of the image's bytes. So an edited image, new weights or another
     size can never reuse a stale vector, and adding images computes only the new ones. Each entry is
     written to a temporary file and renamed into place: a killed run never leaves an entry that
-    looks complete.
+    looks complete. Each entry also carries its image's hash, its shape and a checksum of its
+    features (`encode_entry`), checked before it is used: a damaged, truncated or swapped entry is
+    computed again, with a warning naming it.
 
     Args:
         directory: the cache root, shared between runs.
@@ -55,6 +57,7 @@ class FeatureCache:
         self.extractor = extractor
         self.key = key
         self._predict = None  # the compiled extractor, built on first use
+        key = {**key, "entry_format": ENTRY_MAGIC.decode().strip()}  # older entries have no checksum
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.directory = Path(directory) / digest[:32]
         manifest = self.directory / "key.json"
@@ -89,19 +92,21 @@ class FeatureCache:
         entries, reasons = [], {}
         for path in paths:
             try:
-                entries.append(self.entry(sha256_file(path)))
-            except OSError as error:  # a link loop, a vanished or unreadable file
+                entries.append(self.entry(sha256_file(path, max_bytes=MAX_IMAGE_BYTES)))
+            except OSError as error:  # a link loop, a vanished or unreadable file, a FIFO, a device
                 entries.append(None)
                 reasons[path] = error.strerror or str(error)
-        present = [entry is not None and entry.exists() for entry in entries]
+        shape = tuple(self.extractor.output_shape[1:])
+        present = [entry is not None and entry.exists() and self._usable(entry, shape) for entry in entries]
         hits = sum(present)
         # One computation per distinct content, even when two files hold the same bytes.
         missing = sorted({entries[i]: i for i, entry in enumerate(entries)
                           if entry is not None and not present[i]}.values())
         if missing:
-            self._compute([paths[i] for i in missing], [orientations[i] for i in missing],
-                          [entries[i] for i in missing], batch_size, resizing, augmentation,
-                          description)
+            written = self._compute([paths[i] for i in missing], [orientations[i] for i in missing],
+                                    [entries[i] for i in missing], batch_size, resizing, augmentation,
+                                    description)
+            entries = [written.get(entry, entry) for entry in entries]
         for path, entry in zip(paths, entries):
             if entry is not None and not entry.exists():
                 reasons[path] = decode_error(path) or "could not be decoded"
@@ -113,6 +118,15 @@ class FeatureCache:
             bad=bad, hits=hits, misses=len(paths) - hits,
         )
 
+    def _usable(self, entry: Path, shape: tuple[int, ...]) -> bool:
+        """Whether a stored entry is whole and belongs to its name; a bad one is removed with a warning."""
+        problem = entry_problem(entry, entry.stem, shape)
+        if problem is None:
+            return True
+        log.warning("Cache entry %s is damaged (%s); its features are computed again.", entry, problem)
+        entry.unlink(missing_ok=True)
+        return False
+
     def _predictor(self):
         """The extractor's compiled predict function, built once per cache.
 
@@ -123,13 +137,18 @@ class FeatureCache:
             self._predict = local_predictor(self.extractor)
         return self._predict
 
-    def _compute(self, paths, orientations, entries, batch_size, resizing, augmentation, description):
+    def _compute(self, paths, orientations, entries, batch_size, resizing, augmentation,
+                 description) -> dict[Path, Path]:
+        """Computes and stores features; returns {planned entry: entry written} (they differ when a
+        file changed after it was hashed: each entry is named after exactly the bytes decoded)."""
         def load(index, path, orientation):
-            image = resizing(tf.cast(read_image(path, orientation), tf.float32))
-            return index, tf.cast(image, tf.float32)  # resized in float16 under mixed_float16
+            contents = tf.io.read_file(path)
+            digest = tf.numpy_function(sha256_bytes, [contents], tf.string, stateful=False)
+            image = resizing(tf.cast(apply_orientation(decode_image(contents), orientation), tf.float32))
+            return index, digest, tf.cast(image, tf.float32)  # resized in float16 under mixed_float16
 
-        def augment(indices, batch):
-            return indices, augmentation(batch, training=True)  # Keras layers run in tf.data on any backend
+        def augment(indices, digests, batch):
+            return indices, digests, augmentation(batch, training=True)  # Keras layers run in tf.data on any backend
 
         images = (
             tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), tf_paths(paths), orientations))
@@ -142,12 +161,67 @@ class FeatureCache:
         images = images.prefetch(tf.data.AUTOTUNE)
         extract = self._predictor()
         total = math.ceil(len(paths) / batch_size)
-        for indices, batch in tqdm(images, total=total, desc=description, unit="batch"):
+        written = {}
+        for indices, digests, batch in tqdm(images, total=total, desc=description, unit="batch"):
             features = extract(batch).astype(np.float32, copy=False)  # float16 under mixed_float16
-            for index, feature in zip(indices.numpy(), features):
-                atomic_write_bytes(entries[index], tf.io.serialize_tensor(feature).numpy())
+            for index, digest, feature in zip(indices.numpy(), digests.numpy(), features):
+                entry = self.entry(digest.decode())
+                atomic_write_bytes(entry, encode_entry(digest.decode(), feature))
+                written[entries[index]] = entry
             del features, batch  # freed before the trim, not when the next batch replaces them
             _return_freed_memory()
+        return written
+
+
+# A cache entry: this magic, a JSON header padded to ENTRY_HEADER_BYTES (the image's sha256, dtype,
+# shape and the payload's sha256), then the float32 features, little-endian. Every entry can so be
+# checked against its name and its content before it is used.
+ENTRY_MAGIC = b"KHP-FEATURES-1\n"
+ENTRY_HEADER_BYTES = 256
+MAX_IMAGE_BYTES = 1 << 30  # larger "images" (a sparse file, a stream) are not read
+
+
+def sha256_bytes(data: bytes) -> bytes:
+    return hashlib.sha256(data).hexdigest().encode()
+
+
+def encode_entry(image_hash: str, features: np.ndarray) -> bytes:
+    """The bytes of a cache entry: header (name, shape, checksum) and float32 payload."""
+    payload = np.ascontiguousarray(features, dtype="<f4").tobytes()
+    header = json.dumps({"image_sha256": image_hash, "dtype": "float32", "shape": list(features.shape),
+                         "payload_sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    return ENTRY_MAGIC + header.ljust(ENTRY_HEADER_BYTES - len(ENTRY_MAGIC)) + payload
+
+
+def entry_problem(entry: Path, image_hash: str, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with a stored entry (truncated, flipped bytes, another image's, another shape), or None.
+
+    Args:
+        entry: the entry file.
+        image_hash: the sha256 of the image it must belong to (its file name).
+        shape: the feature shape the extractor gives.
+    """
+    size = ENTRY_HEADER_BYTES + 4 * math.prod(shape)
+    try:
+        with open(entry, "rb") as file:
+            data = file.read(size + 1)
+    except OSError as error:
+        return error.strerror or str(error)
+    if not data.startswith(ENTRY_MAGIC):
+        return "not a feature entry of this version"
+    try:
+        header = json.loads(data[len(ENTRY_MAGIC):ENTRY_HEADER_BYTES])
+    except ValueError:
+        return "unreadable header"
+    if header.get("image_sha256") != image_hash:
+        return "it holds the features of another image"
+    if header.get("dtype") != "float32" or tuple(header.get("shape", ())) != tuple(shape):
+        return f"shape {header.get('shape')}, expected {list(shape)}"
+    if len(data) != size:
+        return f"{len(data)} bytes, expected {size}"
+    if hashlib.sha256(data[ENTRY_HEADER_BYTES:]).hexdigest() != header.get("payload_sha256"):
+        return "checksum mismatch"
+    return None
 
 
 def _return_freed_memory() -> None:
@@ -172,8 +246,9 @@ def feature_dataset(entries: list[Path], labels: np.ndarray, feature_shape: tupl
     """(features, label) pairs read from cache entries in order, decoded in parallel."""
 
     def read(path, label):
-        features = tf.io.parse_tensor(tf.io.read_file(path), out_type=tf.float32)
-        return tf.ensure_shape(features, feature_shape), label
+        contents = tf.strings.substr(tf.io.read_file(path), ENTRY_HEADER_BYTES, 4 * math.prod(feature_shape))
+        features = tf.reshape(tf.io.decode_raw(contents, tf.float32, little_endian=True), feature_shape)
+        return features, label
 
     return tf.data.Dataset.from_tensor_slices(([os.fsencode(e) for e in entries], labels)).map(
         read, num_parallel_calls=tf.data.AUTOTUNE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import h5py
 import keras
+import numpy as np
 
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, atomic_write_text
 
 
 class Throughput(keras.callbacks.Callback):
@@ -134,20 +136,28 @@ class ResumeState(keras.callbacks.Callback):
     """Everything needed to continue a run exactly, saved after each epoch in one atomic file.
 
     `epoch-0007.weights.h5` holds the model's weights, the optimizer's state (so its step count,
-    and with it the learning-rate schedule's position) and the random-generator states of layers
-    such as Dropout; the number in the name is the epoch to continue from. Written to a temporary
-    file and renamed, so a file that exists is complete. Epochs whose loss is not finite are not
-    saved. `restore` reads the newest file; `clear` removes the folder once the run has finished.
+    and with it the learning-rate schedule's position), the random-generator states of layers
+    such as Dropout, and the state of every stateful callback of the run (EarlyStopping's wait,
+    best value and best weights, Checkpoint's best value, ReduceLROnPlateau's counters), and
+    whether a callback stopped training; the number in the name is the epoch to continue from.
+    Written to a temporary file and renamed, so a file that exists is complete. Epochs whose loss
+    is not finite are not saved. `restore` reads the newest file into the model; the callbacks get
+    their state back in `on_train_begin`, after they reset themselves, so this callback must come
+    after them (it is appended last).
 
     Args:
-        directory: where this run's state lives (the same for the same command).
+        directory: where this phase's state lives (the same for the same run).
         save: False for non-chief workers of a multi-worker run, which only read.
+        callbacks: the run's other callbacks, whose state is saved and restored with the model's.
     """
 
-    def __init__(self, directory: str | Path, save: bool = True):
+    def __init__(self, directory: str | Path, save: bool = True, callbacks: list | tuple = ()):
         super().__init__()
         self.directory = Path(directory)
         self.save = save
+        self.callbacks = list(callbacks)
+        self.stopped = False  # a callback (EarlyStopping) had stopped training at the restored epoch
+        self._restored_callbacks: list[tuple[str, dict, list | None]] | None = None
 
     def _states(self) -> list[Path]:
         return sorted(self.directory.glob("epoch-*.weights.h5"))
@@ -162,7 +172,28 @@ class ResumeState(keras.callbacks.Callback):
         with h5py.File(states[-1], "r") as file:
             for variable in _seed_states(model):
                 variable.assign(file["seed_generators"][variable.path.replace("/", "|")][()])
+            self.stopped = bool(file.attrs.get("stopped", False))
+            self._restored_callbacks = []
+            group = file.get("callbacks")
+            for index in range(len(group) if group is not None else 0):
+                saved = group[str(index)]
+                weights = ([saved["best_weights"][str(i)][()] for i in range(len(saved["best_weights"]))]
+                           if "best_weights" in saved else None)
+                self._restored_callbacks.append((saved.attrs["class"], json.loads(saved.attrs["state"]),
+                                                 weights))
         return int(states[-1].name.split("-")[1].split(".")[0])
+
+    def on_train_begin(self, logs=None):
+        # The callbacks before this one have just reset themselves (EarlyStopping does in its
+        # on_train_begin): give them the state they had at the restored epoch.
+        for callback, (name, state, weights) in zip(self.callbacks, self._restored_callbacks or []):
+            if type(callback).__name__ != name:
+                continue
+            for attribute, value in state.items():
+                setattr(callback, attribute, value)
+            if weights is not None:
+                callback.best_weights = weights
+        self._restored_callbacks = None  # a second fit (the next phase) starts from its own state
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.save or not math.isfinite((logs or {}).get("loss", math.nan)):
@@ -173,12 +204,62 @@ class ResumeState(keras.callbacks.Callback):
                 group = file.create_group("seed_generators")
                 for variable in _seed_states(self.model):
                     group[variable.path.replace("/", "|")] = keras.ops.convert_to_numpy(variable)
+                file.attrs["stopped"] = bool(self.model.stop_training)
+                group = file.create_group("callbacks")
+                for index, callback in enumerate(self.callbacks):
+                    saved = group.create_group(str(index))
+                    saved.attrs["class"] = type(callback).__name__
+                    saved.attrs["state"] = json.dumps(callback_state(callback))
+                    weights = getattr(callback, "best_weights", None)
+                    if weights is not None:
+                        arrays = saved.create_group("best_weights")
+                        for i, array in enumerate(weights):
+                            arrays[str(i)] = array
         for old in self._states()[:-1]:
             old.unlink(missing_ok=True)
 
     def clear(self) -> None:
         if self.save:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# Attributes through which Keras's and this module's callbacks carry state from epoch to epoch.
+_CALLBACK_STATE = ("wait", "stopped_epoch", "best", "best_epoch", "cooldown_counter")
+
+
+def callback_state(callback: keras.callbacks.Callback) -> dict:
+    """The epoch-to-epoch state of a callback as JSON-able values (best weights are saved apart)."""
+    state = {}
+    for attribute in _CALLBACK_STATE:
+        value = getattr(callback, attribute, None)
+        if value is None and not hasattr(callback, attribute):
+            continue
+        if value is None or isinstance(value, (bool, int, float, np.integer, np.floating)):
+            state[attribute] = value if value is None or isinstance(value, bool) else (
+                int(value) if isinstance(value, (int, np.integer)) else float(value))
+    return state
+
+
+def drop_history_from(path: str | Path, first_epoch: int) -> None:
+    """Removes the rows of epochs >= `first_epoch` from a CSVLogger file, before they are trained again.
+
+    A run killed after CSVLogger wrote an epoch's row but before the resume state of that epoch was
+    saved trains that epoch again on resume; without this, history.csv would hold it twice.
+
+    Args:
+        path: the CSVLogger's file (nothing happens if it does not exist).
+        first_epoch: the first epoch (0-based, CSVLogger's `epoch` column) about to be trained.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines:
+        return
+    kept = [lines[0]] + [line for line in lines[1:]
+                         if line.split(",", 1)[0].strip().isdigit() and int(line.split(",", 1)[0]) < first_epoch]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 def _seed_states(model: keras.Model) -> list:

@@ -13,13 +13,14 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from pipeline.files import as_list
+from pipeline.files import as_list, not_regular_reason
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _EXIF_ORIENTATION = 0x0112
+MAX_IMAGE_PIXELS = 2 * 89_478_485  # Pillow's DecompressionBombError limit (2x its warning limit)
 
 
 @dataclass
@@ -57,6 +58,9 @@ class ImageFolder:
         extensions: file extensions taken as images, compared case-insensitively.
         on_bad_image: "skip" lists unreadable images in the log and `skipped_files.txt` and trains
             on the rest; "error" stops the run at the first check that finds one.
+        max_image_pixels: images with more pixels (read from the file's header, before anything is
+            decoded) are skipped and listed like unreadable ones: one 20000x20000 PNG of 438 KB
+            decodes to 1.2 GB. The default is Pillow's decompression-bomb error limit.
     """
 
     root: str
@@ -64,7 +68,9 @@ class ImageFolder:
     test_percent: float = 10
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     on_bad_image: str = "skip"
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     class_names: list[str] = field(init=False)
+    skipped: list[tuple[str, str]] = field(init=False, default_factory=list)  # (path, reason) found scanning
     splits: dict[str, Split] = field(init=False)
     _orientations: dict[str, int] = field(init=False, default_factory=dict, repr=False)
 
@@ -79,6 +85,7 @@ class ImageFolder:
             )
         self.extensions = tuple(extension.lower() for extension in as_list(self.extensions))
         self.class_names, files = scan_folder(self.root, self.extensions)
+        files = self._without_unsafe(files)
         by_split = {name: ([], []) for name in SPLITS}
         for label, relative_path in files:
             paths, labels = by_split[self.split_of(relative_path)]
@@ -90,6 +97,26 @@ class ImageFolder:
         }
         counts = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
         log.info("%s: %d classes; %s images", self.root, len(self.class_names), counts)
+
+    def _without_unsafe(self, files: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """The files less those no decoder may touch: not regular files, and images over the pixel limit.
+
+        A FIFO would block the run forever, `/dev/zero` would never end, and a huge image would take
+        gigabytes before any check; each is skipped, logged and listed in `skipped_files.txt`.
+        """
+        kept = []
+        for label, relative_path in files:
+            path = os.path.join(self.root, relative_path)
+            reason = not_regular_reason(path)
+            if reason is None:
+                orientation, reason = inspect_header(path, self.max_image_pixels)
+                self._orientations[relative_path] = orientation
+            if reason is None:
+                kept.append((label, relative_path))
+            else:
+                self.skipped.append((path, reason))
+        handle_bad_images(self.skipped, self.on_bad_image)
+        return kept
 
     @property
     def num_classes(self) -> int:
@@ -164,8 +191,34 @@ def tf_paths(paths: list[str]) -> list[bytes]:
     return [os.fsencode(path) for path in paths]
 
 
+def inspect_header(path: str, max_pixels: int) -> tuple[int, str | None]:
+    """(EXIF orientation, why the image must not be decoded or None), from its header alone.
+
+    Args:
+        path: a regular file.
+        max_pixels: the most pixels an image may have.
+    """
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # only the header is read; the limit that counts is max_pixels
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:  # before getexif, which decodes a whole PNG
+                return 1, (f"{width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
+                           "(dataset.max_image_pixels)")
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # an unreadable file is reported by the decoder, with its reason
+        return 1, None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+    return (orientation if 1 <= orientation <= 8 else 1), None
+
+
 def exif_orientation(path: str) -> int:
     """The EXIF orientation tag (1..8) of an image file; 1 when it has none or cannot be read."""
+    if not_regular_reason(path) is not None:  # opening a FIFO would block forever
+        return 1
     try:
         with warnings.catch_warnings():  # only the header is read: no decompression bomb here
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -62,13 +64,51 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large weight files need little memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20, max_bytes: int | None = None) -> str:
+    """Hex sha256 of a file, read in chunks so large weight files need little memory.
+
+    Only a regular file is read (after symbolic links): a FIFO would block forever and `/dev/zero`
+    never ends. Both raise `OSError` with the reason instead, as does a file over `max_bytes`.
+
+    Args:
+        path: the file.
+        chunk_size: bytes read at a time.
+        max_bytes: refuse larger files (None: any size).
+    """
+    with open(path, "rb", opener=_regular_file_opener) as file:
+        size = os.fstat(file.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes ({size})", str(path))
+        digest = hashlib.sha256()
         while chunk := file.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def not_regular_reason(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a regular file one can read ("a FIFO", "a device", ...), or None if it is one.
+
+    Follows symbolic links, without opening the file (opening a FIFO blocks until a writer comes).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        return error.strerror or str(error)
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a file")
+    return f"not a regular file ({kind})"
+
+
+def _regular_file_opener(path: str, flags: int) -> int:
+    # O_NONBLOCK: opening a FIFO for reading must not wait for a writer; the check below refuses it.
+    descriptor = os.open(path, flags | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, not_regular_reason(path) or "not a regular file", str(path))
+    os.set_blocking(descriptor, True)
+    return descriptor
 
 
 def as_list(value: str | os.PathLike | Iterable[str] | None) -> list[str]:

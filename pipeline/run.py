@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,11 +17,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.callbacks import ResumeState
+from pipeline.backbones import weights_fingerprint
+from pipeline.callbacks import ResumeState, drop_history_from
 from pipeline.distribute import (KERAS_DISTRIBUTIONS, barrier, check_backend, even_batches,
                                  fix_keras_multi_worker_fit, is_chief, saving_is_collective)
 from pipeline.files import atomic_path, atomic_write_text
 from pipeline.reports import merge_metrics_json, write_hparams, write_skipped_files
+from pipeline.runs import (RunFolderBusy, folder_fingerprint, lock_folder, mark_finished, mark_unfinished,
+                           release_folder, set_aside)
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +62,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     chief = is_chief(strategy)
     if not chief:  # every path below follows paths.output_dir
         cfg.paths.output_dir = tempfile.mkdtemp(prefix="worker-")
-    output_dir = Path(cfg.paths.output_dir)
-    tensorboard_dir = output_dir / "tensorboard"
+    else:
+        lock_folder(cfg.paths.output_dir)  # no second run may write here while this one lives
+        if (Path(cfg.paths.output_dir) / "metrics.json").exists():  # a finished run is never continued:
+            start_in(Path(cfg.paths.output_dir), continuing=False)  # set aside before anything can fail
     task = instantiate(cfg.task)  # also builds the backbone and scans the dataset
 
     with strategy.scope():
         model = task.build_model()
         model.compile(optimizer=instantiate(cfg.optimizer, _convert_="all"), loss=task.loss,
                       metrics=task.metrics(), jit_compile=cfg.jit_compile)
+    resume_dir = claim_resume_state(cfg, task, model, chief) if cfg.resume else None
+    if chief and resume_dir is None:
+        start_in(Path(cfg.paths.output_dir), continuing=False)
+    output_dir = Path(cfg.paths.output_dir)  # the interrupted run's folder when continuing it
+    tensorboard_dir = output_dir / "tensorboard"
     if chief:
         data = task.datasets(cfg.batch_size)  # transfer: runs the frozen base once per uncached image
     barrier(strategy, "features cached")
     if not chief:
         data = task.datasets(cfg.batch_size)  # the chief has cached every feature: reads only
+    data.skipped = [*getattr(task.dataset, "skipped", []), *data.skipped]  # scanning skips FIFOs, pixel bombs
     write_skipped_files(output_dir, data.skipped)
 
     callbacks = [c for c in instantiate(cfg.callbacks, _convert_="all").values() if c is not None]
     history = fit(model, data, strategy, callbacks, cfg, chief, phase="head", first_epoch=0,
-                  end_epoch=cfg.epochs)
+                  end_epoch=cfg.epochs, resume_dir=resume_dir)
     if task.fine_tune_epochs:  # transfer: unfreeze the top of the base and train on images
         with strategy.scope():
             model = task.fine_tune_model(model)
@@ -82,8 +95,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             model.compile(optimizer=optimizer, loss=task.loss, metrics=task.metrics(),
                           jit_compile=cfg.jit_compile)
         data = task.image_datasets(cfg.batch_size)
+        data.skipped = [*getattr(task.dataset, "skipped", []), *data.skipped]
         history = fit(model, data, strategy, callbacks, cfg, chief, phase="fine_tune",
-                      first_epoch=cfg.epochs, end_epoch=cfg.epochs + task.fine_tune_epochs)
+                      first_epoch=cfg.epochs, end_epoch=cfg.epochs + task.fine_tune_epochs,
+                      resume_dir=resume_dir)
 
     if not chief:
         if saving_is_collective():  # the chief's save below waits for this one
@@ -99,14 +114,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
                             if history.epoch else cfg.epochs)
     write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
     metrics = merge_metrics_json(output_dir / "metrics.json", {"backend": backend})  # not a TensorBoard scalar
-    if cfg.resume:
-        shutil.rmtree(cfg.paths.resume_dir, ignore_errors=True)  # finished: nothing to resume
+    mark_finished(output_dir)
+    if resume_dir is not None and chief:
+        release_folder(resume_dir)
+        shutil.rmtree(resume_dir, ignore_errors=True)  # finished: nothing to resume
     log.info("%s. Reports, model.keras and TensorBoard logs are in %s", summary(metrics), output_dir)
     return metrics
 
 
 def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_epoch: int,
-        end_epoch: int) -> keras.callbacks.History:
+        end_epoch: int, resume_dir: Path | None = None) -> keras.callbacks.History:
     """`model.fit` from where an interrupted run of the same command stopped, if it did.
 
     Args:
@@ -114,27 +131,39 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
         data: the task's datasets.
         strategy: the distribution strategy the model was built in.
         callbacks: the configured Keras callbacks.
-        cfg: the run config (`epochs`, `resume`, `paths.resume_dir`, `verbose`).
+        cfg: the run config (`epochs`, `paths.output_dir`, `verbose`).
         chief: whether this worker saves the resume state.
         phase: "head" or "fine_tune": each phase resumes on its own.
         first_epoch: the phase's first epoch.
         end_epoch: one past its last epoch.
+        resume_dir: this run's resume state (`claim_resume_state`); None: not resumable.
     """
-    if cfg.resume:
-        resume = ResumeState(Path(cfg.paths.resume_dir) / phase, save=chief)
+    if resume_dir is not None:
+        resume = ResumeState(resume_dir / phase, save=chief, callbacks=callbacks)
         with strategy.scope():
-            first_epoch = max(first_epoch, resume.restore(model))
-        if first_epoch >= end_epoch:
-            log.info("Every %s epoch had finished (%s): evaluating", phase, resume.directory)
-        elif first_epoch:
-            log.info("Resuming %s training at epoch %d from %s", phase, first_epoch + 1, resume.directory)
+            restored = resume.restore(model)
+        first_epoch = end_epoch if resume.stopped else max(first_epoch, restored)
+        if restored and first_epoch >= end_epoch:
+            log.info("Every %s epoch had finished, or a callback had stopped training (%s): evaluating",
+                     phase, resume.directory)
+        elif restored:
+            log.info("Resuming %s training at epoch %d from %s", phase, restored + 1, resume.directory)
         if not chief and saving_is_collective():  # saves with the chief, into its own temporary folder
-            resume = ResumeState(Path(cfg.paths.output_dir) / "resume" / phase)
-        callbacks = [*callbacks, resume]
+            resume = ResumeState(Path(cfg.paths.output_dir) / "resume" / phase, callbacks=callbacks)
+        callbacks = [*callbacks, resume]  # last: it gives the callbacks before it their state back
     if first_epoch >= end_epoch:  # the run stopped after its last epoch (in evaluation): no epoch is left
+        # The callbacks still begin and end training, as in a fit without epochs: EarlyStopping gets its
+        # state back from ResumeState and restores its best weights, as the uninterrupted run did.
+        callback_list = keras.callbacks.CallbackList(callbacks, model=model)
+        callback_list.on_train_begin()
+        callback_list.on_train_end()
         history = keras.callbacks.History()
         history.epoch, history.history = [], {}
         return history
+    if chief:
+        for callback in callbacks:  # epochs about to be trained (again) must not be listed twice
+            if isinstance(callback, keras.callbacks.CSVLogger):
+                drop_history_from(callback.filename, first_epoch)
     fix_keras_multi_worker_fit(model, strategy, data.train)
     distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
     if distribution is not None:
@@ -146,6 +175,122 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
                         shuffle=False)  # each epoch's shuffle is in data.train, keyed by the epoch
     check_finite(history, Path(cfg.paths.output_dir))
     return history
+
+
+def claim_resume_state(cfg: DictConfig, task, model: keras.Model, chief: bool) -> Path | None:
+    """This run's resume folder, checked against the run that saved it; continues in that run's folder.
+
+    The folder (`paths.resume_dir`) is found by the command's overrides; `run.json` in it records a
+    fingerprint of everything that determines training (the composed config, the data set's files,
+    the initial weights) and the run folder of the run that saved it. A state saved by a run with
+    another fingerprint is discarded with one line saying so; a matching one is continued in its own
+    run folder (`paths.output_dir` is pointed there), so its history and TensorBoard stay one.
+
+    Args:
+        cfg: the run config; `paths.output_dir` is changed when an interrupted run is continued.
+        task: the instantiated task (its dataset and, for transfer, its feature extractor).
+        model: the freshly built model (its initial weights are part of the fingerprint).
+        chief: whether this worker owns the resume state (the others only read it).
+
+    Returns:
+        The resume folder, or None when this run cannot resume (another run of the same command owns it).
+    """
+    resume_dir = Path(cfg.paths.resume_dir)
+    own = Path(cfg.paths.output_dir).absolute()
+    fingerprint = run_fingerprint(cfg, task, model)
+    if chief:
+        try:
+            resume_dir.mkdir(parents=True, exist_ok=True)
+            lock_folder(resume_dir)
+        except RunFolderBusy:
+            log.warning("Another run of the same command is saving its resume state in %s; this run "
+                        "starts at epoch 1 and cannot be resumed.", resume_dir)
+            return None
+        except OSError as error:
+            raise OSError(error.errno, f"Cannot save the resume state in {resume_dir}: {error.strerror or error}. "
+                          "Run with resume=false, or set paths.cache_dir (or paths.resume_dir) to a writable "
+                          "folder") from error
+    record = read_json(resume_dir / "run.json")
+    saved = any(resume_dir.glob("*/epoch-*.weights.h5"))
+    target = own
+    if saved and record is not None:
+        previous = Path(record.get("output_dir", own))
+        if record.get("fingerprint") != fingerprint:
+            log.warning("Discarding the saved state of an interrupted run (%s): the config, the data set's "
+                        "files or the initial weights changed since; training starts at epoch 1.", previous)
+            saved = False
+        elif (previous / "metrics.json").exists():
+            saved = False  # killed after it finished, before it removed its state
+        elif previous != own and previous.is_dir() and chief:
+            lock_folder(previous)  # refuses if the interrupted run is being continued already
+            target = previous
+    elif saved:
+        log.warning("Discarding a resume state in %s that records no run; training starts at epoch 1.", resume_dir)
+        saved = False
+    if chief:
+        if not saved:
+            for phase in resume_dir.iterdir():
+                if phase.is_dir():
+                    shutil.rmtree(phase, ignore_errors=True)
+        if target != own:
+            continue_in(target, own)
+            cfg.paths.output_dir = str(target)  # every path below (callbacks, reports) follows it
+        start_in(target, continuing=saved)
+        atomic_write_text(resume_dir / "run.json", json.dumps({"fingerprint": fingerprint,
+                                                                "output_dir": str(target)}, indent=2))
+    return resume_dir
+
+
+def start_in(folder: Path, continuing: bool) -> None:
+    """Readies a run folder: an older run's outputs are set aside (unless continued), then it is marked unfinished."""
+    if continuing:
+        (folder / "error.txt").unlink(missing_ok=True)  # the failure of the run being continued
+    else:
+        moved = set_aside(folder)
+        if moved is not None:
+            log.warning("%s held another run's outputs; they were moved to %s.", folder, moved)
+    mark_unfinished(folder, " ".join(sys.argv))
+
+
+def continue_in(previous: Path, own: Path) -> None:
+    """Points this run at the interrupted run's folder, with a note and a copy of the log there."""
+    log.info("Continuing the interrupted run in %s (this command's folder %s keeps only its config and a "
+             "note)", previous, own)
+    own.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(own / "continued_in.txt", f"This run continued the interrupted run in {previous}; "
+                      "its reports, history and checkpoints are there.\n")
+    handler = logging.FileHandler(previous / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def run_fingerprint(cfg: DictConfig, task, model: keras.Model) -> str:
+    """sha256 over what determines training: composed config, data set files, initial weights.
+
+    The run folder and resume folder are left out of the config (a rerun gets a new run folder), and
+    so are `verbose` and `resume`, which change nothing that is trained.
+    """
+    config = OmegaConf.to_container(cfg, resolve=True)
+    text = json.dumps({key: value for key, value in config.items() if key not in ("verbose", "resume")},
+                      sort_keys=True, default=str)
+    for path in (str(cfg.paths.output_dir), str(cfg.paths.resume_dir)):
+        text = text.replace(path, "<run>")
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape"))
+    digest.update(folder_fingerprint(getattr(task.dataset, "root", None)).encode())
+    digest.update(weights_fingerprint(model).encode())
+    extractor = getattr(task, "extractor", None)
+    if extractor is not None:  # transfer: the frozen base lives beside the head
+        digest.update(weights_fingerprint(extractor).encode())
+    return digest.hexdigest()
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def strategy_choice() -> str | None:

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
 
 from pipeline.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_MARKDOWN = "sweep_summary.md"
@@ -85,10 +88,25 @@ def read_job(folder: str | Path) -> Job | None:
         return None
     job = Job(name=folder.name, folder=folder, overrides=[str(o) for o in OmegaConf.load(overrides_file)])
     if (folder / "metrics.json").is_file():
-        job.metrics = json.loads((folder / "metrics.json").read_text())
-    elif (folder / "error.txt").is_file():
+        job.metrics = read_metrics(folder / "metrics.json")
+    if not job.metrics and (folder / "error.txt").is_file():
         job.error = error_line((folder / "error.txt").read_text(errors="replace")) or "failed"
     return job
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """The metrics in `path`; empty (the job counts as unfinished, so a resume reruns it) if unreadable."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        log.warning("%s cannot be read (%s): that job counts as unfinished and a rerun of the sweep runs "
+                    "it again.", path, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return {}
+    if not isinstance(metrics, dict) or not metrics:
+        log.warning("%s holds no metrics: that job counts as unfinished and a rerun of the sweep runs it "
+                    "again.", path)
+        return {}
+    return metrics
 
 
 def read_jobs(sweep_dir: str | Path) -> list[Job]:

@@ -107,11 +107,12 @@ def test_killed_run_resumes_at_its_last_epoch_and_ends_exactly_as_an_uninterrupt
     assert not (tmp_path / "killed" / "metrics.json").exists()
 
     log = finished(cli(tmp_path, "resumed", *common, env=env))
-    assert "Resuming head training at epoch" in log and f"Keras backend: {backend}" in log
-    with open(tmp_path / "resumed" / "history.csv") as file:
-        first_epoch = int(file.read().splitlines()[1].split(",")[0])
-    assert first_epoch >= 5, "the resumed run did not start over"
-    assert_same_metrics(metrics(tmp_path, "uninterrupted"), metrics(tmp_path, "resumed"), tolerance=1e-6)
+    assert "Resuming head training at epoch" in log and f"Continuing the interrupted run in {tmp_path / 'killed'}" in log
+    assert f"Keras backend: {backend}" in log
+    with open(tmp_path / "killed" / "history.csv") as file:
+        epochs = [int(line.split(",")[0]) for line in file.read().splitlines()[1:]]
+    assert epochs == list(range(12)), "the interrupted folder holds the whole history, each epoch once"
+    assert_same_metrics(metrics(tmp_path, "uninterrupted"), metrics(tmp_path, "killed"), tolerance=1e-6)
     assert not list(resume_root.rglob("*.weights.h5")), "a finished run leaves nothing to resume"
 
 

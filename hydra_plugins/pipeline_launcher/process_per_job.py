@@ -12,6 +12,8 @@ is a namespace package: from the repository root, or installed with the project.
 # No `from __future__ import annotations`: Hydra runs this module before it is in sys.modules,
 # where @dataclass cannot resolve string annotations.
 
+import ctypes
+import functools
 import logging
 import os
 import re
@@ -29,6 +31,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pipeline.runs import folder_owner, set_aside
 from pipeline.sweeps import (SUMMARY_MARKDOWN, JobFailed, error_line, read_job, split_override, sweep_id,
                              write_summary)
 
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 # every job's config keeps the value of the whole command (Hydra copies the cache into each job's config)
 # instead of computing one from the job's own overrides.
 OmegaConf.register_new_resolver("sweep_id", sweep_id, use_cache=True, replace=True)
+# `outputs/<date>/<time>-${pid:}`: two runs started in the same second get two folders.
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
 # The launcher sets these for every job; a user's value of them is not passed on to the jobs.
 LAUNCHER_KEYS = {"hydra.mode", "hydra.run.dir", "hydra.job.num", "hydra.job.id"}
@@ -51,6 +56,7 @@ class PlannedJob:
     overrides: list[str]
     folder: Path
     optimized_metric: str | None  # the metrics.json key returned to the sweeper (Optuna)
+    config: dict | None = None  # the job's whole composed config (without `hydra`), interpolations as written
 
 
 class ProcessPerJobLauncher(Launcher):
@@ -109,17 +115,28 @@ class ProcessPerJobLauncher(Launcher):
             folder = Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir)
         finally:
             HydraConfig.instance().cfg = previous
-        return PlannedJob(number, overrides, folder.absolute(), OmegaConf.select(config, "optimized_metric"))
+        with open_dict(config):
+            del config["hydra"]
+        return PlannedJob(number, overrides, folder.absolute(), OmegaConf.select(config, "optimized_metric"),
+                          OmegaConf.to_container(config, resolve=False))
 
     def run(self, job: PlannedJob) -> JobReturn:
         """Runs one job in a new process, or reads back its metrics if it finished before."""
+        owner = folder_owner(job.folder)
+        if owner is not None:  # e.g. a job of a killed launcher that has not ended yet
+            log.error("#%d not started: %s is in use by process %s", job.number, job.folder, owner)
+            return job_return(job, error=JobFailed(
+                f"Job #{job.number} of the sweep was not started: its folder {job.folder} is in use by process "
+                f"{owner}. Wait for that process to end (or end it), then run the same command again."))
         previous = read_job(job.folder)
-        if previous and previous.status == "finished" and previous.overrides == job.overrides:
-            log.info("#%d skipped: finished before in %s", job.number, job.folder)
-            return job_return(job, previous.metrics)
         if previous and previous.status == "finished":
-            log.warning("#%d: %s holds a finished job with other overrides (%s); it is run again and replaced",
-                        job.number, job.folder, " ".join(previous.overrides))
+            if same_config(job):
+                log.info("#%d skipped: finished before in %s", job.number, job.folder)
+                return job_return(job, previous.metrics)
+            moved = set_aside(job.folder)
+            log.warning("#%d: %s holds a finished job with another config (overrides %s, or an edited conf/); "
+                        "it is run again, the old outputs are in %s", job.number, job.folder,
+                        " ".join(previous.overrides), moved)
         for stale in ("metrics.json", "error.txt"):  # a failed re-run must not look finished
             (job.folder / stale).unlink(missing_ok=True)
 
@@ -128,7 +145,7 @@ class ProcessPerJobLauncher(Launcher):
         command = [sys.executable, os.path.abspath(sys.argv[0]), *hydra_overrides, *job.overrides,
                    "hydra.mode=RUN", f"hydra.run.dir={quote(str(job.folder))}",
                    f"hydra.job.num={job.number}", f"hydra.job.id={job.number}"]
-        process = subprocess.Popen(command)
+        process = subprocess.Popen(command, preexec_fn=functools.partial(die_with, os.getpid()))
         log.info("#%d started in process %d: %s", job.number, process.pid, " ".join(filter_overrides(job.overrides)))
         exit_code = process.wait()
 
@@ -152,6 +169,35 @@ class ProcessPerJobLauncher(Launcher):
         return job_return(job, error=JobFailed(
             f"Job #{job.number} of the sweep failed: {error} (details in {error_file}). The other jobs went "
             f"on: see {self.sweep_dir / SUMMARY_MARKDOWN}; run the same command again to retry it."))
+
+
+def same_config(job: PlannedJob) -> bool:
+    """Whether the finished run in the job's folder ran exactly the config this job would run now.
+
+    Compares the whole composed config (what Hydra saved in `.hydra/config.yaml`), not only the
+    overrides: an edit to a file in conf/ changes what a job trains, so it must run again.
+    """
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(job.folder / ".hydra" / "config.yaml"), resolve=False)
+    except Exception:  # missing or unreadable: it cannot be shown to be the same
+        return False
+    return job.config is not None and saved == job.config
+
+
+def die_with(launcher: int) -> None:
+    """Runs in the job's process before it starts: it gets SIGTERM when the launcher dies (Linux).
+
+    So killing the launcher (SIGKILL, SIGTERM, out of memory) never leaves a job training on its own,
+    holding GPU memory, while a rerun of the sweep starts the same job again.
+
+    Args:
+        launcher: the launcher's process id, to catch a launcher that died before this call.
+    """
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher:
+        os._exit(1)
 
 
 def job_return(job: PlannedJob, metrics: dict | None = None, error: Exception | None = None) -> JobReturn:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -73,14 +74,25 @@ class _TensorRef:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
-    def to_numpy(self, source: str) -> np.ndarray:
+    def to_numpy(self, source: str, key: str = "") -> np.ndarray:
         storage = self.storage
+        name = f"tensor {key!r}" if key else "a tensor"
         if any(size < 0 for size in self.shape) or any(step < 0 for step in self.stride):
-            raise ValueError(f"{source}: a tensor has a negative size or stride; the file is corrupt.")
+            raise ValueError(f"{source}: {name} has a negative size or stride; the file is corrupt.")
+        if len(self.stride) != len(self.shape):
+            raise ValueError(f"{source}: {name} has {len(self.shape)} sizes but {len(self.stride)} strides; "
+                             "the file is corrupt.")
+        elements = math.prod(self.shape)
+        if elements > storage.numel:  # checked before any allocation: a state dict's tensor never repeats elements
+            raise ValueError(
+                f"{source}: {name} of shape {self.shape} has {elements} elements but its storage only "
+                f"{storage.numel} (strides {self.stride}); a state dict never holds such a tensor. Not loaded: "
+                "the file is corrupt or crafted to exhaust memory."
+            )
         last = self.offset + sum((size - 1) * step for size, step in zip(self.shape, self.stride))
         if 0 not in self.shape and (self.offset < 0 or last >= storage.numel):
             raise ValueError(
-                f"{source}: a tensor of shape {self.shape} reaches element {last} of a storage of "
+                f"{source}: {name} of shape {self.shape} reaches element {last} of a storage of "
                 f"{storage.numel} elements; the file is corrupt."
             )
         flat = storage.array
@@ -156,6 +168,25 @@ def _truncated(source: str, detail: str) -> ValueError:
     )
 
 
+# torch.save stores tensor bytes uncompressed, so a real file is at least as large as its storages.
+# Allowing 4x (plus 1 MiB) leaves room for a re-zipped file and refuses a decompression bomb.
+_MAX_STORAGE_RATIO = 4
+
+
+def _check_storage_sizes(storages: dict[str, _Storage], file_size: int, source: str) -> None:
+    """Refuses storages whose declared sizes the file cannot hold, before anything is allocated."""
+    total = 0
+    for key, storage in storages.items():
+        if storage.numel < 0:
+            raise _truncated(source, f"storage {key!r} has a negative size")
+        total += storage.numel * storage.storage_type.dtype.itemsize
+    if total > _MAX_STORAGE_RATIO * file_size + (1 << 20):
+        raise ValueError(
+            f"{source}: its tensors declare {total} bytes but the file has {file_size}; torch.save stores "
+            "tensors uncompressed, so this file is corrupt or crafted to exhaust memory. Not loaded."
+        )
+
+
 def _read_legacy(data: bytes, source: str) -> tuple[object, dict[str, _Storage]]:
     stream = io.BytesIO(data)
     try:
@@ -176,6 +207,7 @@ def _read_legacy(data: bytes, source: str) -> tuple[object, dict[str, _Storage]]
             raise
         raise _truncated(source, str(error)) from error
 
+    _check_storage_sizes(unpickler.storages, len(data), source)
     for key in keys:
         storage = unpickler.storages.get(str(key))
         if storage is None:
@@ -209,12 +241,17 @@ def _read_zip(path: Path, source: str) -> tuple[object, dict[str, _Storage]]:
                 result = unpickler.load()
             except (EOFError, struct.error, IndexError, TypeError, AttributeError) as error:
                 raise _truncated(source, f"{type(error).__name__}: {error}") from error
+            _check_storage_sizes(unpickler.storages, path.stat().st_size, source)
             for key, storage in unpickler.storages.items():
+                nbytes = storage.numel * storage.storage_type.dtype.itemsize
                 try:
-                    raw = archive.read(f"{prefix}data/{key}")
+                    info = archive.getinfo(f"{prefix}data/{key}")
                 except KeyError:
                     raise _truncated(source, f"storage {key!r} is missing from the archive") from None
-                nbytes = storage.numel * storage.storage_type.dtype.itemsize
+                if info.file_size > nbytes + 4096:  # never inflate more than the storage needs
+                    raise _truncated(source, f"storage {key!r} unpacks to {info.file_size} bytes, its tensor "
+                                             f"needs {nbytes}")
+                raw = archive.read(info)
                 if len(raw) < nbytes:
                     raise _truncated(source, f"storage {key!r} needs {nbytes} bytes, has {len(raw)}")
                 storage.array = np.frombuffer(raw[:nbytes], dtype=storage.storage_type.dtype)
@@ -225,7 +262,7 @@ def _read_zip(path: Path, source: str) -> tuple[object, dict[str, _Storage]]:
 
 def _flatten(value, prefix: str, out: dict[str, np.ndarray], source: str) -> None:
     if isinstance(value, _TensorRef):
-        out[prefix] = value.to_numpy(source)
+        out[prefix] = value.to_numpy(source, prefix)
     elif isinstance(value, dict):
         for key, item in value.items():
             _flatten(item, f"{prefix}.{key}" if prefix else str(key), out, source)

@@ -62,7 +62,9 @@ def test_run_completes_lists_each_bad_file_and_uses_every_good_one(task, photo_f
     total = 36 + len(GOOD_ODD)
     folder = ImageFolder(str(photo_folder), validation_percent=10, test_percent=10)
     scanned = sum(len(split) for split in folder.splits.values())
-    assert scanned - len(skipped) == total, "every readable image, odd ones included, is used"
+    assert scanned + len(folder.skipped) - len(skipped) == total, "every readable image, odd ones included, is used"
+    assert {os.path.basename(path) for path, _ in folder.skipped} == {"loop_a.jpg", "loop_b.jpg"}, \
+        "link loops are skipped when scanning, before any open"
     assert folder.orientations(["cat/exif_rotated.jpg"]) == [6], "and turned upright"
     if task == "transfer":
         entries = list((tmp_path / ".cache" / "features").rglob("*.tensor"))
