@@ -13,6 +13,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.files import as_list, atomic_write_text
+from pipeline.imagenet import NUM_CLASSES, imagenet_class_names  # no TensorFlow behind it
 
 # Keras and TensorFlow are imported where they are used: `model=<run>/export/model.onnx` (or .tflite)
 # classifies with onnxruntime or LiteRT alone, without the seconds TensorFlow takes to load.
@@ -124,7 +125,6 @@ def imagenet_classifier(backbone: Backbone, crop_fraction: float = 0.875) -> Cla
     """
     import keras
 
-    from pipeline.imagenet import NUM_CLASSES, imagenet_class_names
     from pipeline.layers import ImagePreprocessing
 
     warn_if_random(backbone)
