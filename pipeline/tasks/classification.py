@@ -116,7 +116,8 @@ class ClassificationTask:
         self.dropout_rate = dropout_rate
         self.pooling = pooling
         self.trainable_layers = trainable_layers
-        self.augmentation = keras.Sequential(augmentation, name="augmentation") if augmentation else None
+        # A Pipeline, not Sequential: it runs its layers in tf.data under any backend (JAX included).
+        self.augmentation = keras.layers.Pipeline(augmentation, name="augmentation") if augmentation else None
         self.seed = seed
         # One resize layer for training data and the exported model, so both resize identically.
         self.resizing = keras.layers.Resizing(*self.image_size, interpolation="bilinear", name="resize")
