@@ -40,6 +40,13 @@ def machine(**versions: str) -> str:
             f"{packages}")
 
 
+def add_backend_arguments(parser) -> None:
+    """`--backends` (each measured in its own process) and `--json` (how `times_per_backend` calls back)."""
+    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=["tensorflow", "jax"],
+                        help="Keras backends, each measured in its own process")
+    parser.add_argument("--json", action="store_true", help="measure under KERAS_BACKEND; print times as JSON")
+
+
 def times_per_backend(script: str, argv: list[str], backends: list[str]) -> dict[str, dict[str, list[float]]]:
     """Runs `script argv --json` once per Keras backend (fixed at import, so a process each).
 

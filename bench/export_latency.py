@@ -27,7 +27,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import pipeline.schema  # noqa: E402,F401
 from common import machine  # noqa: E402

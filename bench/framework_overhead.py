@@ -41,7 +41,7 @@ from omegaconf import DictConfig  # noqa: E402
 import pipeline.schema  # noqa: E402,F401
 from pipeline.demo import ensure_demo_folder  # noqa: E402
 from pipeline.run import train  # noqa: E402
-from common import jax_version, machine, subset, times_per_backend  # noqa: E402
+from common import add_backend_arguments, jax_version, machine, subset, times_per_backend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -137,9 +137,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="at least 3: the first and last are not timed")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=["tensorflow", "jax"],
-                        help="Keras backends, each measured in its own process")
-    parser.add_argument("--json", action="store_true", help="measure under KERAS_BACKEND; print times as JSON")
+    add_backend_arguments(parser)
     args = parser.parse_args()
     if args.epochs < 3:
         parser.error(f"--epochs must be at least 3 (the first and last epoch are not timed); got {args.epochs}.")

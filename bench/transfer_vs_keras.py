@@ -33,7 +33,7 @@ from pipeline.data import decode_image  # noqa: E402
 from pipeline.demo import ensure_demo_folder  # noqa: E402
 from pipeline.layers import ImagePreprocessing  # noqa: E402
 from pipeline.run import train  # noqa: E402
-from common import jax_version, machine, subset, times_per_backend  # noqa: E402
+from common import add_backend_arguments, jax_version, machine, subset, times_per_backend  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 KERAS_IO = "keras-io (base every epoch)"
@@ -100,9 +100,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=["tensorflow", "jax"],
-                        help="Keras backends, each measured in its own process")
-    parser.add_argument("--json", action="store_true", help="measure under KERAS_BACKEND; print times as JSON")
+    add_backend_arguments(parser)
     args = parser.parse_args()
     if args.json:
         print(json.dumps(measure(args)))

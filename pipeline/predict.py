@@ -8,12 +8,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.files import as_list, atomic_write_text
 from pipeline.imagenet import NUM_CLASSES, imagenet_class_names  # no TensorFlow behind it
+
+if TYPE_CHECKING:  # annotations only
+    import keras
+    import tensorflow as tf
+
+    from pipeline.backbones import Backbone
 
 # Keras and TensorFlow are imported where they are used: `model=<run>/export/model.onnx` (or .tflite)
 # classifies with onnxruntime or LiteRT alone, without the seconds TensorFlow takes to load.

@@ -35,13 +35,13 @@ def start(argv, env=None):
                             text=True, start_new_session=True, env={**os.environ, **(env or {})})
 
 
-def kill_when(process, condition, timeout=300):
+def kill_when(process, condition, timeout=600):
     """SIGKILLs the process (and its children) as soon as `condition()` holds."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, f"finished before the fault: {process.communicate()[1][-2000:]}"
+        assert process.poll() is None, f"finished before the fault: {process.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.02)
+        time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
