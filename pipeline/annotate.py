@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,7 +301,9 @@ def _palette(count: int) -> np.ndarray:
 def write_annotation(folder: Path, path: str, image: np.ndarray, annotation: Annotation, window: int,
                      max_classes: int) -> dict:
     """Writes `annotation.png` and `labels.png` (16-bit ImageNet index per pixel) into `folder`; returns the record."""
-    figure = plot_annotation(image, annotation, max_classes, title=Path(path).name)
+    # A name that is not valid UTF-8 is drawn with replacement characters (matplotlib refuses surrogates).
+    title = Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    figure = plot_annotation(image, annotation, max_classes, title=title)
     atomic_write_bytes(folder / "annotation.png", render_png(figure))
     with atomic_path(folder / "labels.png") as temporary:
         Image.fromarray(annotation.label_map.astype(np.uint16)).save(temporary, format="PNG")
@@ -332,7 +335,7 @@ def annotate(cfg: DictConfig) -> list[dict]:
     records, folders = [], set()
     for path in paths:
         try:
-            image = decode_image(tf.io.read_file(path)).numpy()
+            image = decode_image(tf.io.read_file(os.fsencode(path))).numpy()  # any file name's bytes
         except tf.errors.OpError:
             reason = decode_error(path) or "could not be decoded"  # the decoder's reason, without op text
             log.warning("Skipping unreadable image %s: %s", path, reason)

@@ -102,6 +102,14 @@ class Backbone:
                 model = self.application(
                     include_top=include_top, weights=weights, input_shape=(height, width, 3)
                 )
+        except OSError as error:  # h5py: not an HDF5 file, or a truncated one
+            if weights in (None, "imagenet"):
+                raise
+            raise ValueError(
+                f"backbone.weights={self.weights} cannot be read as Keras weights ({weights}): "
+                f"{short_message(error)}. The file is truncated or not an .h5 / .weights.h5 file; download "
+                "it again, or give a checkpoint the backbone's importer reads."
+            ) from error
         except ValueError as error:
             if weights not in (None, "imagenet") and self._builds_without_weights(height, width, include_top):
                 detail = " ".join(str(error).split("\n\n")[:2]).replace("\n", " ")[:400]
@@ -112,7 +120,7 @@ class Backbone:
                 ) from error
             raise ValueError(
                 f"Backbone {self.name!r} cannot be built with image_size=[{height}, {width}], "
-                f"include_top={include_top}, weights={weights!r}: {error}"
+                f"include_top={include_top}, weights={weights!r}: {short_message(error)}"
             ) from error
         except Exception as error:  # keras.utils.get_file raises a bare Exception when offline
             if weights != "imagenet":
@@ -152,6 +160,13 @@ class Backbone:
         inputs = keras.Input(base.input_shape[1:], name="image")
         x = ImagePreprocessing(self.preprocessing, name="preprocessing")(inputs)
         return keras.Model(inputs, base(x, training=False), name=f"{self.name}_features")
+
+
+def short_message(error: BaseException, limit: int = 400) -> str:
+    """An error's message on one line, without the tensor values Keras prints after `Target variable:`."""
+    text = str(error).split(" Target variable:", 1)[0]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager

@@ -141,12 +141,14 @@ class FeatureCache:
                  description) -> dict[Path, Path]:
         """Computes and stores features; returns {planned entry: entry written} (they differ when a
         file changed after it was hashed: each entry is named after exactly the bytes decoded)."""
+        @tf.autograph.experimental.do_not_convert  # AutoGraph would leave module files in /tmp
         def load(index, path, orientation):
             contents = tf.io.read_file(path)
             digest = tf.numpy_function(sha256_bytes, [contents], tf.string, stateful=False)
             image = resizing(tf.cast(apply_orientation(decode_image(contents), orientation), tf.float32))
             return index, digest, tf.cast(image, tf.float32)  # resized in float16 under mixed_float16
 
+        @tf.autograph.experimental.do_not_convert
         def augment(indices, digests, batch):
             return indices, digests, augmentation(batch, training=True)  # Keras layers run in tf.data on any backend
 
@@ -246,6 +248,7 @@ def _malloc_trim():
 def feature_dataset(entries: list[Path], labels: np.ndarray, feature_shape: tuple[int, ...]) -> tf.data.Dataset:
     """(features, label) pairs read from cache entries in order, decoded in parallel."""
 
+    @tf.autograph.experimental.do_not_convert
     def read(path, label):
         contents = tf.strings.substr(tf.io.read_file(path), ENTRY_HEADER_BYTES, 4 * math.prod(feature_shape))
         features = tf.reshape(tf.io.decode_raw(contents, tf.float32, little_endian=True), feature_shape)

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from pipeline.files import as_list, not_regular_reason
+from pipeline.files import as_list, not_regular_reason, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class ImageFolder:
         extensions: file extensions taken as images, compared case-insensitively.
         on_bad_image: "skip" lists unreadable images in the log and `skipped_files.txt` and trains
             on the rest; "error" stops the run at the first check that finds one.
+        on_duplicate: what to do with files of identical bytes in two classes or two splits:
+            "warn" logs them and keeps every copy, all in the split of the first (so a test image
+            is never also a training image); "drop" keeps only the first copy (by path); "error" stops.
         max_image_pixels: images with more pixels (read from the file's header, before anything is
             decoded) are skipped and listed like unreadable ones: one 20000x20000 PNG of 438 KB
             decodes to 1.2 GB. The default is Pillow's decompression-bomb error limit.
@@ -69,10 +72,12 @@ class ImageFolder:
     test_percent: float = 10
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     on_bad_image: str = "skip"
+    on_duplicate: str = "warn"
     max_image_pixels: int = MAX_IMAGE_PIXELS
     class_names: list[str] = field(init=False)
     skipped: list[tuple[str, str]] = field(init=False, default_factory=list)  # (path, reason) found scanning
     splits: dict[str, Split] = field(init=False)
+    duplicates: list[list[str]] = field(init=False)  # groups of identical files across classes or splits
     _orientations: dict[str, int] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -85,11 +90,14 @@ class ImageFolder:
                 f"got {self.validation_percent} + {self.test_percent}."
             )
         self.extensions = tuple(extension.lower() for extension in as_list(self.extensions))
+        if self.on_duplicate not in ("warn", "drop", "error"):
+            raise ValueError(f"on_duplicate must be 'warn', 'drop' or 'error'; got {self.on_duplicate!r}.")
         self.class_names, files = scan_folder(self.root, self.extensions)
-        files = self._without_unsafe(files)
+        files = self._without_unsafe(files)  # first: hashing a FIFO would block
+        files, first_copy = self._handle_duplicates(files)
         by_split = {name: ([], []) for name in SPLITS}
         for label, relative_path in files:
-            paths, labels = by_split[self.split_of(relative_path)]
+            paths, labels = by_split[self.split_of(first_copy.get(relative_path, relative_path))]
             paths.append(relative_path)
             labels.append(label)
         self.splits = {
@@ -98,6 +106,33 @@ class ImageFolder:
         }
         counts = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
         log.info("%s: %d classes; %s images", self.root, len(self.class_names), counts)
+        check_training_classes(self.class_names, self.splits["train"].labels, self.on_bad_image)
+
+    def _handle_duplicates(self, files: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], dict[str, str]]:
+        """Finds identical files across classes or splits; returns the files kept and each copy's first copy."""
+        label_of = dict((path, label) for label, path in files)
+        groups = identical_files(self.root, [path for _, path in files])
+        self.duplicates = [group for group in groups
+                           if len({label_of[path] for path in group}) > 1
+                           or len({self.split_of(path) for path in group}) > 1]
+        if not self.duplicates:
+            return files, {}
+        listing = "\n".join(f"  {' = '.join(group)}" for group in self.duplicates[:20])
+        if len(self.duplicates) > 20:
+            listing += f"\n  ... and {len(self.duplicates) - 20} more"
+        copies = sum(len(group) - 1 for group in self.duplicates)
+        what = (f"{copies} file(s) have the same bytes as another file in another class or split "
+                f"({len(self.duplicates)} group(s)):\n{listing}\n")
+        if self.on_duplicate == "error":
+            raise ValueError(what + "Remove the copies, or set dataset.on_duplicate=warn (copies kept in "
+                             "one split) or drop (only the first copy kept).")
+        if self.on_duplicate == "drop":
+            dropped = {path for group in self.duplicates for path in group[1:]}
+            log.warning("%sKeeping only the first copy of each (dataset.on_duplicate=drop).", what)
+            return [(label, path) for label, path in files if path not in dropped], {}
+        log.warning("%sAll copies of an image go to the split of its first copy, so no test image is also a "
+                    "training image (dataset.on_duplicate=drop keeps one copy, error stops).", what)
+        return files, {path: group[0] for group in self.duplicates for path in group[1:]}
 
     def _without_unsafe(self, files: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """The files less those no decoder may touch: not regular files, and images over the pixel limit.
@@ -144,11 +179,61 @@ class ImageFolder:
         return [self._orientations[path] for path in relative_paths]
 
 
+def identical_files(root: str, relative_paths: list[str]) -> list[list[str]]:
+    """Groups (of 2 or more, each sorted) of files under `root` with identical bytes.
+
+    Only files of equal size are hashed (sha256), so a folder without duplicates costs a `stat` each.
+
+    Args:
+        root: the data root.
+        relative_paths: files under it.
+    """
+    by_size: dict[int, list[str]] = {}
+    for path in relative_paths:
+        try:
+            by_size.setdefault(os.path.getsize(os.path.join(root, path)), []).append(path)
+        except OSError:  # a broken link: reported as unreadable later
+            continue
+    groups: dict[str, list[str]] = {}
+    for same_size in by_size.values():
+        if len(same_size) > 1:
+            for path in same_size:
+                try:
+                    groups.setdefault(sha256_file(os.path.join(root, path)), []).append(path)
+                except OSError:
+                    continue
+    return sorted(sorted(group) for group in groups.values() if len(group) > 1)
+
+
+def check_training_classes(class_names: list[str], train_labels: np.ndarray, on_bad_image: str) -> None:
+    """Warns (or with `on_bad_image: error`, stops) when a class has no training image.
+
+    Such a class can never be predicted: its examples in validation and test are all mistakes.
+
+    Args:
+        class_names: every class, label order.
+        train_labels: the training split's labels.
+        on_bad_image: "skip" warns, "error" raises.
+    """
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(class_names))
+    empty = [name for name, count in zip(class_names, counts) if count == 0]
+    if not empty:
+        return
+    message = (f"{len(empty)} class(es) have no training images: {', '.join(empty)}. The model can never predict "
+               "them. Add images to those class folders, or lower dataset.validation_percent / "
+               "dataset.test_percent (a file's split comes from a hash of its path).")
+    if on_bad_image == "error":
+        raise ValueError(message)
+    log.warning(message)
+
+
 def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[int, str]]]:
     """Class names (sorted sub-folder names) and every (label, relative path), sorted.
 
-    Sub-folders of a class folder are searched too; hidden files and folders are ignored and
-    symbolic links to folders are not followed (a link loop cannot hang the scan).
+    Sub-folders of a class folder are searched too, and symbolic links to folders are followed
+    (a class folder may be a link); a link back to a folder already being searched is skipped with a
+    warning, so a link loop cannot hang the scan. Hidden files and folders are ignored. Files with
+    other extensions are left out, and the log says how many of each extension.
 
     Args:
         root: the data root.
@@ -162,29 +247,73 @@ def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list
     class_names = sorted(
         entry.name
         for entry in os.scandir(root)
-        if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+        if _is_folder(entry) and not entry.name.startswith(".")  # follows links: a linked class counts
     )
     if len(class_names) < 2:
         raise ValueError(
             f"Dataset root {root} has {len(class_names)} class folder(s) ({', '.join(class_names)}); "
             "a classifier needs at least two. Put each class's images in its own sub-folder."
         )
-    files = []
+    files, left_out = [], {}
     for label, class_name in enumerate(class_names):
         class_dir = os.path.join(root, class_name)
         found = []
-        for directory, folders, names in os.walk(class_dir):
-            folders[:] = sorted(folder for folder in folders if not folder.startswith("."))
+        for directory, names in _walk_following_links(class_dir):
             for name in names:
-                if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                if name.startswith("."):
+                    continue
+                extension = os.path.splitext(name)[1].lower()
+                if extension in extensions:
                     found.append(os.path.relpath(os.path.join(directory, name), root))
+                else:
+                    left_out[extension or "(none)"] = left_out.get(extension or "(none)", 0) + 1
         if not found:
             raise ValueError(
                 f"Class folder {class_dir} has no images with extensions {', '.join(extensions)}. "
                 "Add images or remove the folder."
             )
         files += [(label, path.replace(os.sep, "/")) for path in sorted(found)]
+    if left_out:
+        counts = ", ".join(f"{count} {extension}" for extension, count in sorted(left_out.items()))
+        log.warning("%s: %d file(s) left out by extension (%s); dataset.extensions takes %s. Add an "
+                    "extension there to use those files.", root, sum(left_out.values()), counts,
+                    ", ".join(extensions))
     return class_names, files
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder or a link to one; a link loop or a broken link is a file (reported as unreadable later)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _walk_following_links(top: str):
+    """(folder, file names) under `top`, sorted, following folder links but never into a loop."""
+    stack = [(top, frozenset({os.path.realpath(top)}))]
+    while stack:
+        directory, ancestors = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as error:
+            log.warning("Cannot list %s: %s; its files are left out.", directory, error.strerror or error)
+            continue
+        names, folders = [], []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if _is_folder(entry):  # a link to a folder included
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    log.warning("Skipping %s: a symbolic link back to %s, which holds it (a loop).",
+                                entry.path, real)
+                    continue
+                folders.append((entry.path, ancestors | {real}))
+            else:
+                names.append(entry.name)
+        yield directory, names
+        stack.extend(reversed(folders))
 
 
 def tf_paths(paths: list[str]) -> list[bytes]:
@@ -290,6 +419,7 @@ def find_bad_images(paths: list[str], parallel: int = tf.data.AUTOTUNE) -> list[
     if not paths:
         return []
 
+    @tf.autograph.experimental.do_not_convert  # AutoGraph would leave a module file in /tmp
     def check(index):
         return index, tf.shape(decode_image(tf.io.read_file(tf.gather(paths_tensor, index))))
 

@@ -81,6 +81,15 @@ def _multi_process() -> bool:
     return jax.process_count() > 1
 
 
+def saving_is_collective() -> bool:
+    """True when every process must take part in each save (JAX over several processes).
+
+    Keras gathers arrays that span processes while saving, so a process that skips a save leaves
+    the others waiting; non-chief processes save too, into folders they delete.
+    """
+    return _multi_process()
+
+
 def even_batches(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """This process's share of each batch, the batch first padded to split evenly over the devices.
 

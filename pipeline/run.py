@@ -1,4 +1,4 @@
-"""One training run, start to finish: config -> strategy -> data -> model -> fit -> reports -> export."""
+"""One training run, start to finish: config -> strategy -> data -> model -> fit -> export -> reports."""
 
 from __future__ import annotations
 
@@ -22,11 +22,14 @@ from pipeline.backbones import weights_fingerprint
 from pipeline.callbacks import ResumeState, drop_history_from
 from pipeline.checks import check_train_config
 from pipeline.cli import progress_verbosity
-from pipeline.distribute import barrier, check_backend, even_batches, fix_keras_multi_worker_fit, is_chief
+from pipeline.distribute import (KERAS_DISTRIBUTIONS, barrier, check_backend, even_batches,
+                                 fix_keras_multi_worker_fit, is_chief, saving_is_collective)
 from pipeline.files import atomic_path, atomic_write_text
-from pipeline.reports import merge_metrics_json, write_hparams, write_skipped_files
+from pipeline.hparams import chosen_hparams, end_session, hydra_choices_and_overrides, start_session
+from pipeline.reports import merge_metrics_json, write_skipped_files
 from pipeline.runs import (RunFolderBusy, folder_fingerprint, lock_folder, mark_finished, mark_unfinished,
                            release_folder, set_aside)
+from pipeline.schema import check_run_config
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +46,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The metrics also written to `metrics.json` (empty on non-chief workers).
     """
-    check_train_config(cfg)  # cheap; train.py has run it already, before importing TensorFlow
+    check_train_config(cfg)  # cheap; the train app has run both already, before importing TensorFlow
+    check_run_config(cfg)  # ranges (batch_size >= 1, ...), before anything is built
     backend = keras.backend.backend()
     check_backend(cfg.strategy._target_, strategy_choice())
     if backend == "jax":
         keras.distribution.set_distribution(None)  # a previous sweep job's data_parallel
-        tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data: the GPUs are JAX's
+        try:
+            tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data: the GPUs are JAX's
+        except RuntimeError:  # TensorFlow's runtime already started (an earlier job in this process)
+            pass
     # First: multi-worker, multi-process and logical-CPU set-ups need a fresh runtime.
     strategy = start_strategy(cfg.strategy)
     log.info("Keras backend: %s; strategy: %s", backend, type(strategy).__name__)
     keras.backend.clear_session()  # sweeps in one process: free the previous job's models
+    if isinstance(strategy, KERAS_DISTRIBUTIONS):
+        keras.distribution.set_distribution(strategy)  # clear_session forgot it
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -75,6 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         start_in(Path(cfg.paths.output_dir), continuing=False)
     output_dir = Path(cfg.paths.output_dir)  # the interrupted run's folder when continuing it
     tensorboard_dir = output_dir / "tensorboard"
+    if chief:  # HParams lists the run from now on; cli.py ends the session of a failed run
+        start_session(tensorboard_dir, chosen_hparams(cfg, *hydra_choices_and_overrides()))
     if chief:
         data = task.datasets(cfg.batch_size)  # transfer: runs the frozen base once per uncached image
     barrier(strategy, "features cached")
@@ -99,16 +110,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
                       resume_dir=resume_dir)
 
     if not chief:
+        if saving_is_collective():  # the chief's save below waits for this one
+            with atomic_path(output_dir / "model.keras") as path:
+                task.export_model(model).save(path)
         shutil.rmtree(output_dir, ignore_errors=True)
         return {}
     with atomic_path(output_dir / "model.keras") as path:
         task.export_model(model).save(path)
     atomic_write_text(output_dir / "class_names.json", json.dumps(task.dataset.class_names))  # output order
+    test = data.splits["test"]  # the images export checks its files on
+    test_paths = getattr(test, "image_paths", None) or task.dataset.absolute(test.relative_paths)
+    atomic_write_text(output_dir / "test_images.txt", "".join(f"{path}\n" for path in test_paths))
+    if cfg.export.formats:  # before the reports: a run whose export fails has no metrics.json
+        from pipeline.export.run import export_run
+
+        export_run(output_dir, list(cfg.export.formats), image_size=list(cfg.image_size))
     # Reports; metrics.json is written last of all, so a run folder that has it is a finished run.
     metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=history.epoch[-1] + 1
                             if history.epoch else cfg.epochs)
-    write_hparams(tensorboard_dir, OmegaConf.to_container(cfg, resolve=True), metrics)
     metrics = merge_metrics_json(output_dir / "metrics.json", {"backend": backend})  # not a TensorBoard scalar
+    end_session(tensorboard_dir, "success")
     mark_finished(output_dir)
     if resume_dir is not None and chief:
         release_folder(resume_dir)
@@ -175,6 +196,8 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
                      phase, resume.directory)
         elif restored:
             log.info("Resuming %s training at epoch %d from %s", phase, restored + 1, resume.directory)
+        if not chief and saving_is_collective():  # saves with the chief, into its own temporary folder
+            resume = ResumeState(Path(cfg.paths.output_dir) / "resume" / phase, callbacks=callbacks)
         callbacks = [*callbacks, resume]  # last: it gives the callbacks before it their state back
     if first_epoch >= end_epoch:  # the run stopped after its last epoch (in evaluation): no epoch is left
         # The callbacks still begin and end training, as in a fit without epochs: EarlyStopping gets its
@@ -190,10 +213,13 @@ def fit(model, data, strategy, callbacks, cfg, chief: bool, phase: str, first_ep
             if isinstance(callback, keras.callbacks.CSVLogger):
                 drop_history_from(callback.filename, first_epoch)
     fix_keras_multi_worker_fit(model, strategy, data.train)
+    distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    if distribution is not None:
+        log.info("model.fit: each batch split over %d devices", distribution.num_model_replicas)
     # even_batches: a no-op but under a multi-device keras.distribution, which needs equal shards.
-    history = model.fit(even_batches(data.train(first_epoch, end_epoch)),
-                        steps_per_epoch=data.steps_per_epoch, validation_data=even_batches(data.validation), initial_epoch=first_epoch, epochs=end_epoch,
-                        callbacks=callbacks, verbose=progress_verbosity(cfg.verbose),
+    history = model.fit(even_batches(data.train(first_epoch, end_epoch)), steps_per_epoch=data.steps_per_epoch,
+                        validation_data=even_batches(data.validation), initial_epoch=first_epoch,
+                        epochs=end_epoch, callbacks=callbacks, verbose=progress_verbosity(cfg.verbose),
                         shuffle=False)  # each epoch's shuffle is in data.train, keyed by the epoch
     check_finite(history, Path(cfg.paths.output_dir))
     return history

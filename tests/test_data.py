@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 
 import keras
@@ -11,7 +12,7 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from pipeline.data import ImageFolder, decode_image, find_bad_images, handle_bad_images
+from pipeline.data import SPLITS, ImageFolder, decode_image, find_bad_images, handle_bad_images
 from pipeline.layers import ImagePreprocessing
 from tests.conftest import TINY, compose_config, write_photo_folder
 
@@ -105,3 +106,64 @@ def test_one_extension_without_brackets_is_one_extension(photo_folder, tmp_path)
     folder = instantiate(cfg.dataset)
     assert folder.extensions == (".png",)
     assert sum(len(split) for split in folder.splits.values()) == 9  # every 4th photo of 3 x 12 is a .png
+
+
+def test_linked_class_folders_and_sub_folders_are_followed_and_loops_skipped(tmp_path, caplog):
+    photos = write_photo_folder(tmp_path / "elsewhere", images_per_class=4)
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.move(str(photos / "cat"), root / "cat")
+    shutil.move(str(photos / "coffee"), root / "coffee")
+    os.symlink(photos / "rocket", root / "rocket")                  # a whole class is a link
+    os.symlink(photos / "rocket", root / "cat" / "more_cats")       # a linked sub-folder
+    os.symlink(root / "coffee", root / "coffee" / "again")          # a loop
+    (root / "coffee" / "photo.webp").write_bytes(b"x")
+    (root / "coffee" / "scan.TIFF").write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        folder = ImageFolder(str(root))
+    assert folder.class_names == ["cat", "coffee", "rocket"]
+    paths = [path for split in folder.splits.values() for path in split.relative_paths]
+    assert sum(path.startswith("rocket/") for path in paths) == 4
+    assert sum(path.startswith("cat/more_cats/") for path in paths) == 4
+    assert sum(path.startswith("coffee/") for path in paths) == 4  # the loop adds nothing
+    assert "a symbolic link back to" in caplog.text and "again" in caplog.text
+    assert "2 file(s) left out by extension (1 .tiff, 1 .webp)" in caplog.text
+
+
+def test_a_class_without_training_images_warns_or_stops(tmp_path, caplog):
+    root = write_photo_folder(tmp_path / "photos", images_per_class=6)
+    folder = ImageFolder(str(root))
+    for path in folder.splits["train"].relative_paths:  # keep only rocket's training images
+        if not path.startswith("rocket/"):
+            (root / path).unlink()
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        ImageFolder(str(root))
+    assert "2 class(es) have no training images: cat, coffee" in caplog.text
+    with pytest.raises(ValueError, match="have no training images: cat, coffee"):
+        ImageFolder(str(root), on_bad_image="error")
+
+
+def test_identical_images_across_classes_or_splits_are_reported_and_kept_in_one_split(tmp_path, caplog):
+    root = write_photo_folder(tmp_path / "photos", images_per_class=12)
+    folder = ImageFolder(str(root))
+    assert folder.duplicates == []
+    test_cat = next(p for p in folder.splits["test"].relative_paths if p.startswith("cat/"))
+    train_cat = next(p for p in folder.splits["train"].relative_paths if p.startswith("cat/"))
+    shutil.copy(root / test_cat, root / "rocket" / "copy_of_a_test_cat.jpg")     # another class
+    for i in range(40):  # some name lands in the training split: the same bytes in two splits
+        shutil.copy(root / test_cat, root / "cat" / f"again_{i}{os.path.splitext(test_cat)[1]}")
+    shutil.copy(root / train_cat, root / "cat" / "z_same_split_same_class.x")    # not an image extension
+
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        folder = ImageFolder(str(root))
+    group, = folder.duplicates
+    assert group[0] == "cat/again_0" + os.path.splitext(test_cat)[1] and "rocket/copy_of_a_test_cat.jpg" in group
+    assert "41 file(s) have the same bytes as another file in another class or split" in caplog.text
+    where = {name: set(split.relative_paths) for name, split in folder.splits.items()}
+    assert len([name for name in SPLITS if where[name] & set(group)]) == 1, "all copies in one split"
+
+    dropped = ImageFolder(str(root), on_duplicate="drop")
+    kept = {path for split in dropped.splits.values() for path in split.relative_paths}
+    assert len(kept & set(group)) == 1 and group[0] in kept
+    with pytest.raises(ValueError, match="(?s)same bytes.*dataset.on_duplicate"):
+        ImageFolder(str(root), on_duplicate="error")

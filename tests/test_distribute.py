@@ -87,13 +87,16 @@ def test_two_workers_on_localhost_train_once_and_only_the_chief_writes(photo_fol
     assert_same_metrics(metrics(tmp_path, "worker0"), metrics(tmp_path, "single"), tolerance=1e-4)
 
 
-def test_killed_run_resumes_at_its_last_epoch_and_ends_exactly_as_an_uninterrupted_run(photo_folder, tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_killed_run_resumes_at_its_last_epoch_and_ends_exactly_as_an_uninterrupted_run(backend, photo_folder,
+                                                                                       tmp_path):
     common = [*EXACT, f"dataset.root={photo_folder}", "epochs=12", "optimizer=sgd",
               "optimizer.learning_rate={_target_: keras.optimizers.schedules.ExponentialDecay,"
               " initial_learning_rate: 0.05, decay_steps: 3, decay_rate: 0.8}"]
-    finished(cli(tmp_path, "uninterrupted", *common, "paths.cache_dir=${paths.root}/cache_a"))
+    env = {"KERAS_BACKEND": backend}
+    finished(cli(tmp_path, "uninterrupted", *common, "paths.cache_dir=${paths.root}/cache_a", env=env))
 
-    killed = cli(tmp_path, "killed", *common)
+    killed = cli(tmp_path, "killed", *common, env=env)
     resume_root = tmp_path / ".cache" / "resume"
     deadline = time.monotonic() + 600
     while not list(resume_root.rglob("epoch-0005.weights.h5")):
@@ -103,8 +106,9 @@ def test_killed_run_resumes_at_its_last_epoch_and_ends_exactly_as_an_uninterrupt
     killed.wait()
     assert not (tmp_path / "killed" / "metrics.json").exists()
 
-    log = finished(cli(tmp_path, "resumed", *common))
+    log = finished(cli(tmp_path, "resumed", *common, env=env))
     assert "Resuming head training at epoch" in log and f"Continuing the interrupted run in {tmp_path / 'killed'}" in log
+    assert f"Keras backend: {backend}" in log
     with open(tmp_path / "killed" / "history.csv") as file:
         epochs = [int(line.split(",")[0]) for line in file.read().splitlines()[1:]]
     assert epochs == list(range(12)), "the interrupted folder holds the whole history, each epoch once"

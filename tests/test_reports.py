@@ -14,7 +14,6 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 from pipeline import callbacks, reports
 from pipeline.callbacks import LearningRate, Throughput
@@ -221,25 +220,6 @@ def test_tensorboard_holds_the_images_and_scalars(run):
             assert image.format == "PNG"
     assert scalar(events["test/accuracy"][0][1]) == pytest.approx(run["returned"]["test/accuracy"])
     assert scalar(events["test/loss"][0][1]) == pytest.approx(1.25)
-
-
-def test_write_hparams_lists_flattened_values(tmp_path):
-    hparams = {
-        "optimizer": {"learning_rate": 0.01, "name": "adam"},
-        "image_size": [64, 64],
-        "seed": 1,
-        "none": None,
-    }
-    reports.write_hparams(tmp_path, hparams, {"test/accuracy": 0.5})
-    events = read_events(tmp_path)
-    (_, value), = events["_hparams_/session_start_info"]
-    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-    written = data.session_start_info.hparams
-    assert written["optimizer.learning_rate"].number_value == 0.01
-    assert written["optimizer.name"].string_value == "adam"
-    assert written["image_size"].string_value == "[64, 64]"
-    assert written["none"].string_value == "None"
-    assert scalar(events["test/accuracy"][0][1]) == 0.5
 
 
 def test_write_skipped_files(tmp_path):

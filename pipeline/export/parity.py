@@ -42,6 +42,7 @@ def compare(reference: Runner, candidate: Runner, images: list[np.ndarray]) -> d
         agreeing += int(np.sum(got.argmax(-1) == expected.argmax(-1)))
         total += expected.argmax(-1).size
     return {"max_abs_difference": largest, "top1_agreement": agreeing / total,
+            "agreement_of": "pixels" if expected.ndim > 2 else "images",
             "latency_ms_per_image": 1000 * seconds / len(images), "images": len(images)}
 
 

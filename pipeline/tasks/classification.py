@@ -59,6 +59,7 @@ def epochs_of(examples: tf.data.Dataset, count: int, batch_size: int, seed: int,
         augment: applied to each batch.
     """
 
+    @tf.autograph.experimental.do_not_convert  # plain graph code: AutoGraph would write a module file per function to /tmp
     def one_epoch(epoch):
         shuffled = examples.shuffle(count, seed=seed * 1_000_003 + epoch)
         if load is not None:
@@ -115,7 +116,8 @@ class ClassificationTask:
         self.dropout_rate = dropout_rate
         self.pooling = pooling
         self.trainable_layers = trainable_layers
-        self.augmentation = keras.Sequential(augmentation, name="augmentation") if augmentation else None
+        # A Pipeline, not Sequential: it runs its layers in tf.data under any backend (JAX included).
+        self.augmentation = keras.layers.Pipeline(augmentation, name="augmentation") if augmentation else None
         self.seed = seed
         # One resize layer for training data and the exported model, so both resize identically.
         self.resizing = keras.layers.Resizing(*self.image_size, interpolation="bilinear", name="resize")
@@ -170,6 +172,7 @@ class ClassificationTask:
             return tf.data.Dataset.from_tensor_slices(
                 (tf_paths(self.dataset.absolute(paths)), self.dataset.orientations(paths), split.labels))
 
+        @tf.autograph.experimental.do_not_convert
         def load(path, orientation, label):
             return self.resizing(tf.cast(read_image(path, orientation), tf.float32)), label
 
@@ -177,6 +180,7 @@ class ClassificationTask:
             batches = files(split).map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
             return batches.prefetch(tf.data.AUTOTUNE)
 
+        @tf.autograph.experimental.do_not_convert
         def augment(images, labels):
             return self.augmentation(images, training=True), labels
 
@@ -217,6 +221,8 @@ class ClassificationTask:
                              f"{name}/accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
                              f"{name}/top_{k}_accuracy": top_k_accuracy(labels, probabilities, k)}
         split = data.splits[reported]
+        # Copies of another file's bytes in another class or split (ImageFolder finds them).
+        duplicates = sum(len(group) - 1 for group in getattr(self.dataset, "duplicates", []))
         return write_classification_reports(
             output_dir,
             class_names=self.dataset.class_names,
@@ -226,7 +232,7 @@ class ClassificationTask:
             image_paths=self.dataset.absolute(split.relative_paths),
             split=reported,
             extra_metrics={**metrics["validation"], f"{reported}/loss": metrics[reported][f"{reported}/loss"],
-                           "skipped_images": len(data.skipped)},
+                           "skipped_images": len(data.skipped), "duplicate_images": duplicates},
             tensorboard_dir=tensorboard_dir,
             step=step,
         )

@@ -14,7 +14,7 @@ import tensorflow as tf
 from pipeline.backbones import Backbone, unfreeze_top
 from pipeline.checks import image_size_pair
 from pipeline.data import tf_paths
-from pipeline.distribute import even_batches, local_predictor
+from pipeline.distribute import even_batches, local_predictor, saving_is_collective
 from pipeline.files import atomic_write_text
 from pipeline.layers import uint8_to_float32
 from pipeline.segmentation import (IGNORE_LABEL, JointAugmentation, SegmentationData, SegmentationSplit,
@@ -160,6 +160,9 @@ class FCN32Task:
         Args:
             batch_size: the global batch size.
         """
+        if saving_is_collective():  # model.evaluate below would wait for processes that do not evaluate
+            raise ValueError("task=fcn32 runs on one JAX process (its evaluation runs on process 0 alone); "
+                             "use strategy=data_parallel over this machine's devices, without JAX_NUM_PROCESSES.")
         if self.original_size and batch_size != 1:
             raise ValueError(f"task.original_size=true trains each image at its own size, so batches hold one "
                              f"image; got batch_size={batch_size}. Set batch_size=1 (the reference recipe) or "
@@ -170,9 +173,11 @@ class FCN32Task:
         examples = tf.data.Dataset.from_tensor_slices(
             (tf_paths(train_split.image_paths), tf_paths(train_split.mask_paths), tf.range(len(train_split))))
 
+        @tf.autograph.experimental.do_not_convert  # AutoGraph would leave module files in /tmp
         def one_epoch(epoch):
             epoch_seed = tf.cast(self.seed, tf.int64) * 1_000_003 + epoch
 
+            @tf.autograph.experimental.do_not_convert
             def load(image_path, mask_path, index):
                 # A stateless seed per (epoch, example): the same augmentation on a resumed run.
                 seed = tf.stack([epoch_seed, tf.cast(index, tf.int64)])
@@ -246,6 +251,7 @@ class FCN32Task:
         return keras.Model(inputs, model(uint8_to_float32(inputs), training=False), name=model.name)
 
 
+@tf.autograph.experimental.do_not_convert
 def as_labels(image: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(float32 image, int32 labels): the loss and metrics take int labels, 255 = ignore."""
     return image, tf.cast(mask, tf.int32)

@@ -49,6 +49,83 @@ def test_runtime_config_errors_are_one_clear_message(overrides, message, photo_f
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.keras").exists()
 
 
+@pytest.mark.parametrize("override,message", [
+    ("batch_size=0", "batch_size=0 is out of range: it must be a number >= 1"),
+    ("batch_size=-4", "batch_size=-4 is out of range: it must be a number >= 1"),
+    ("epochs=0", "epochs=0 is out of range: it must be a number >= 1"),
+    ("epochs=-3", "epochs=-3 is out of range"),
+    ("optimizer.learning_rate=-0.1", "optimizer.learning_rate=-0.1 is out of range: it must be a number > 0"),
+    ("task.dropout_rate=1.5", "task.dropout_rate=1.5 is out of range: it must be a number >= 0 and < 1"),
+])
+def test_out_of_range_values_stop_before_anything_runs(override, message, tmp_path):
+    result = train_cli(tmp_path, override)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "model.keras").exists()
+    assert "tensorflow" not in result.stderr.lower(), "stopped before TensorFlow was loaded"
+
+
+def test_an_integer_learning_rate_is_a_float(tmp_path):
+    from pipeline.schema import check_run_config
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["optimizer.learning_rate=1"], tmp_path)
+    check_run_config(cfg)
+    assert cfg.optimizer.learning_rate == 1.0 and isinstance(cfg.optimizer.learning_rate, float)
+    import keras
+
+    keras.optimizers.Adam(learning_rate=cfg.optimizer.learning_rate)  # Keras refuses the int 1
+
+
+@pytest.fixture(scope="module")
+def wrong_weights(tmp_path_factory):
+    """A garbage .h5 and the weights of a narrower MobileNet (alpha 0.5): wrong shapes everywhere."""
+    import keras
+
+    folder = tmp_path_factory.mktemp("weights")
+    (folder / "garbage.h5").write_bytes(b"this is not an HDF5 file\n" * 20)
+    keras.applications.MobileNet(include_top=False, weights=None, input_shape=(64, 64, 3), alpha=0.5).save_weights(
+        folder / "half.weights.h5")
+    keras.backend.clear_session()
+    return folder
+
+
+@pytest.mark.parametrize("name,message", [
+    ("garbage.h5", "cannot be read as Keras weights"),
+    ("half.weights.h5", "A total of 54 objects could not be loaded"),
+])
+def test_unusable_weight_files_are_one_short_line_naming_the_path(name, message, wrong_weights, tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    path = wrong_weights / name
+    backbone = instantiate(compose_config([*TINY, f"backbone.weights={path}"], tmp_path).backbone)
+    with pytest.raises(ValueError) as raised:
+        backbone.build([64, 64])
+    text = str(raised.value)
+    assert message in text and str(path) in text, text
+    assert "\n" not in text and len(text) < 800 and "e-0" not in text, text  # no tensor dump
+
+
+def test_an_error_inside_an_instantiated_constructor_keeps_its_lines_and_names_the_key(photo_folder, tmp_path):
+    import shutil
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from pipeline.cli import describe_error
+    from tests.conftest import compose_config
+
+    shutil.copy(photo_folder / "cat" / "cat_001.JPG", photo_folder / "rocket" / "copy.jpg")
+    cfg = compose_config([*TINY, f"dataset.root={photo_folder}", "dataset.on_duplicate=error"], tmp_path)
+    with pytest.raises(InstantiationException) as raised:
+        instantiate(cfg.dataset)
+    message = describe_error(raised.value)
+    assert message.startswith("ValueError: 1 file(s) have the same bytes") and message.endswith("(in dataset)")
+    assert "\n  cat/cat_001.JPG = rocket/copy.jpg\n" in message and "\\n" not in message
+
+
 @pytest.fixture(scope="module")
 def without_tensorflow(tmp_path_factory):
     """A PYTHONPATH on which `import tensorflow` fails loudly: checks that must come first do."""

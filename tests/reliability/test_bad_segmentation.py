@@ -53,3 +53,22 @@ def test_coco_annotation_with_an_unknown_category_is_one_clear_error(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
     for masks in (tmp_path / "masks", tmp_path / ".cache" / "coco_masks"):
         assert not list(masks.rglob("*.png")), "nothing is rendered from a file that is wrong"
+
+
+def test_coco_polygons_of_fewer_than_three_points_are_skipped_and_listed(tmp_path, caplog):
+    from pipeline.segmentation import read_mask
+
+    root = write_coco_folder(tmp_path / "coco")
+    annotations = root / "annotations" / "instances_train2017.json"
+    content = json.loads(annotations.read_text())
+    bottle = next(a for a in content["annotations"] if a["id"] == 100)
+    content["annotations"].append({**bottle, "id": 555, "segmentation": [[50, 50, 60, 60]]})  # 2 points
+    bottle["segmentation"].append([1, 1, 2, 2])  # a good polygon plus a degenerate one
+    annotations.write_text(json.dumps(content))
+    with caplog.at_level("WARNING", logger="pipeline.segmentation"):
+        data = COCOSegmentation(str(root), COCO_SPLITS, cache_dir=str(tmp_path / "masks"))
+        splits, _ = data.readable_splits()
+    assert "1 annotation(s) skipped and 1 trimmed for polygons of fewer than 3 points" in caplog.text
+    assert "annotation 555 (image 7)" in caplog.text and "annotation 100 (image 7)" in caplog.text
+    mask = read_mask(splits["train"].mask_paths[0])
+    assert (mask[5:25, 5:35] == data.class_of_category[44]).all(), "the bottle's good polygon is drawn"

@@ -23,7 +23,7 @@ import pytest
 from pipeline.sweeps import read_job
 from tests.conftest import CONF, TINY, write_photo_folder
 from tests.reliability.test_integrity import crafted_png
-from tests.reliability.test_interruptions import mount  # noqa: F401  (fixture)
+from tests.reliability.test_interruptions import kill_when, mount  # noqa: F401  (mount: a fixture)
 
 TRAIN = str(CONF.parent / "train.py")
 # The default callbacks, EarlyStopping included (debug=tiny removes it); deterministic ops, so an
@@ -47,16 +47,6 @@ def finish(process, timeout=900, code=0):
     stdout, stderr = process.communicate(timeout=timeout)
     assert process.returncode == code, stderr[-4000:]
     return stdout, stderr
-
-
-def kill_when(process, condition, timeout=600):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"finished before the fault: {process.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 def history(run_dir: Path) -> list[dict[str, str]]:
