@@ -112,10 +112,9 @@ class Backbone:
             ) from error
         except ValueError as error:
             if weights not in (None, "imagenet") and self._builds_without_weights(height, width, include_top):
-                detail = " ".join(str(error).split("\n\n")[:2]).replace("\n", " ")[:400]
                 raise ValueError(
                     f"backbone.weights={self.weights!r} does not fit backbone {self.name!r} "
-                    f"(include_top={include_top}): {detail} Give a weights file saved from this "
+                    f"(include_top={include_top}): {short_message(error)}. Give a weights file saved from this "
                     f"architecture{' with' if include_top else ' without'} its top, or backbone.weights=imagenet."
                 ) from error
             raise ValueError(
