@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import os
 import re
 import shlex
 import subprocess
@@ -167,10 +168,15 @@ def parse_bench_arguments(script: Path, arguments: list[str], monkeypatch) -> ar
     spec = importlib.util.spec_from_file_location(f"readme_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.syspath_prepend(str(script.parent))
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
-    with pytest.raises(Parsed):
-        module.main()
+    environment = dict(os.environ)  # a script may set variables at import (gpu_throughput: KERAS_BACKEND=jax)
+    try:
+        spec.loader.exec_module(module)
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+        with pytest.raises(Parsed):
+            module.main()
+    finally:  # later tests start train.py processes that inherit this process's environment
+        os.environ.clear()
+        os.environ.update(environment)
     return parsed["args"]
 
 
