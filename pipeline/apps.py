@@ -54,9 +54,7 @@ def train(cfg: DictConfig) -> float | None:
     log = logging.getLogger("train")
     with one_line_errors(cfg.paths.output_dir, log, "; no metrics.json: this run did not finish"):
         check_not_busy(cfg.paths.output_dir)  # another live run's folder: refused before anything else
-        # Config, ranges and data root before TensorFlow loads: a mistake is reported in a second.
-        check_train_config(cfg)
-        pipeline.schema.check_run_config(cfg)
+        check_train_config(cfg)  # config, ranges and data root before TensorFlow loads: a mistake takes a second
         quiet_tensorflow_start()
         from pipeline.run import summary, train as run  # here: `--help` and config errors come fast
 

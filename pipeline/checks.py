@@ -7,6 +7,7 @@ should not wait for it. Everything here reads only the config and the file syste
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -47,13 +48,13 @@ def check_train_config(cfg: DictConfig) -> None:
     """Stops a run whose config cannot work, before anything slow is imported or built.
 
     Checks that every mandatory value (`???`) is set, normalises `image_size` (one int -> a square,
-    in place), and that a dataset root given as a path exists.
+    in place), that a dataset root given as a path exists, and the ranges of `check_run_config`.
 
     Args:
         cfg: the composed `conf/train.yaml`.
 
     Raises:
-        ValueError: a missing value or a malformed `image_size`.
+        ValueError: a missing value, a malformed `image_size` or a value out of its range.
         FileNotFoundError: a dataset root that is not a folder.
     """
     missing = sorted(user_key(key) for key in OmegaConf.missing_keys(cfg))
@@ -69,3 +70,50 @@ def check_train_config(cfg: DictConfig) -> None:
             f"Dataset root {Path(root).expanduser().resolve()} does not exist or is not a folder. Set "
             "dataset.root to your data's folder (datasets/README.md shows each dataset's layout)."
         )
+    check_run_config(cfg)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# key -> (lowest allowed, whether the lowest is allowed, highest allowed or None, what it is)
+RANGES = {
+    "batch_size": (1, True, None, "the global batch: images per training step"),
+    "epochs": (1, True, None, "passes over the training data"),
+    "optimizer.learning_rate": (0, False, None, "the optimizer's step size, e.g. 1e-3"),
+    "task.dropout_rate": (0, True, 1, "the share of features dropped in training, below 1"),
+    "task.fine_tune_epochs": (0, True, None, "epochs of fine-tuning after the head (0: none)"),
+    "task.fine_tune_learning_rate": (0, False, None, "the fine-tuning step size, e.g. 1e-5"),
+    "task.augmented_views": (0, True, None, "augmented copies cached per training image (0: none)"),
+}
+
+
+def check_run_config(cfg: Any) -> None:
+    """Checks the ranges types cannot express, naming the key and what it allows; fixes int learning rates.
+
+    Runs before anything is built, so `batch_size=0` or `epochs=-3` stop at once with one line
+    instead of a ZeroDivisionError after caching or an untrained model that looks finished.
+    A learning rate typed as an integer (`optimizer.learning_rate=1`) becomes a float, as Keras requires.
+
+    Args:
+        cfg: the composed `conf/train.yaml`.
+
+    Raises:
+        ValueError: a value is out of its range or not a number.
+    """
+    for key, (low, low_allowed, high, meaning) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue  # absent from this task, or null
+        if key.endswith("learning_rate") and OmegaConf.is_dict(value):
+            continue  # a learning-rate schedule: Keras checks it
+        bound = f">= {low}" if low_allowed else f"> {low}"
+        allowed = f"{bound} and < {high}" if high is not None else bound
+        if not _number(value) or value < low or (value == low and not low_allowed) or (
+                high is not None and value >= high):
+            raise ValueError(f"{key}={value!r} is out of range: it must be a number {allowed} ({meaning}). "
+                             f"Set {key}=<value> on the command line or in the config.")
+        if key.endswith("learning_rate") and isinstance(value, int):
+            OmegaConf.update(cfg, key, float(value))
+

@@ -29,7 +29,6 @@ from pipeline.hparams import chosen_hparams, end_session, hydra_choices_and_over
 from pipeline.reports import merge_metrics_json, write_skipped_files
 from pipeline.runs import (RunFolderBusy, folder_fingerprint, lock_folder, mark_finished, mark_unfinished,
                            release_folder, set_aside)
-from pipeline.schema import check_run_config
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Returns:
         The metrics also written to `metrics.json` (empty on non-chief workers).
     """
-    check_train_config(cfg)  # cheap; the train app has run both already, before importing TensorFlow
-    check_run_config(cfg)  # ranges (batch_size >= 1, ...), before anything is built
+    check_train_config(cfg)  # cheap; the train app has run it already, before importing TensorFlow
     backend = keras.backend.backend()
     check_backend(cfg.strategy._target_, strategy_choice())
     if backend == "jax":

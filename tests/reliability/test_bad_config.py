@@ -66,7 +66,7 @@ def test_out_of_range_values_stop_before_anything_runs(override, message, tmp_pa
 
 
 def test_an_integer_learning_rate_is_a_float(tmp_path):
-    from pipeline.schema import check_run_config
+    from pipeline.checks import check_run_config
     from tests.conftest import compose_config
 
     cfg = compose_config(["optimizer.learning_rate=1"], tmp_path)
