@@ -1,4 +1,8 @@
-"""Sweeps (`python train.py -m`): a process per job, failures recorded, resume after SIGKILL, summary, Optuna."""
+"""Sweeps (`python train.py -m`): a process per job, failures recorded, resume after SIGKILL, summary, Optuna.
+
+The end-to-end sweeps run under both Keras backends (the `jax` variants are slow): every job is a
+`train.py` process of its own, which inherits KERAS_BACKEND from the sweep's command.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from tests.conftest import CONF, TINY
 
 TRAIN = str(CONF.parent / "train.py")
 PID_FORMAT = "hydra.job_logging.formatters.simple.format='[pid %(process)d] %(message)s'"  # jobs log their pid
+BACKENDS = ["tensorflow", pytest.param("jax", marks=pytest.mark.slow)]
 
 
 def sweep_command(tmp_path: Path, photo_folder: Path, *overrides: str) -> list[str]:
@@ -29,13 +34,13 @@ def sweep_command(tmp_path: Path, photo_folder: Path, *overrides: str) -> list[s
             *overrides, PID_FORMAT]
 
 
-def start(argv: list[str], cwd: Path) -> subprocess.Popen:
+def start(argv: list[str], cwd: Path, backend: str = "tensorflow") -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "KERAS_BACKEND": backend})
 
 
-def run(argv: list[str], cwd: Path) -> tuple[subprocess.Popen, str, str]:
-    process = start(argv, cwd)
+def run(argv: list[str], cwd: Path, backend: str = "tensorflow") -> tuple[subprocess.Popen, str, str]:
+    process = start(argv, cwd, backend)
     stdout, stderr = process.communicate(timeout=900)
     return process, stdout, stderr
 
@@ -77,10 +82,12 @@ def hparams_sessions(logdir: Path) -> list:
                 .session_groups)
 
 
-def test_a_sweep_killed_after_its_first_job_resumes_records_a_failed_job_and_summarises(photo_folder, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sweep_killed_after_its_first_job_resumes_records_a_failed_job_and_summarises(backend, photo_folder,
+                                                                                        tmp_path):
     # image_size=[16,16] passes composition but MobileNet refuses it at run time: job 1 fails.
     argv = sweep_command(tmp_path, photo_folder, "image_size=[64,64],[16,16],[32,32]")
-    first = start(argv, cwd=tmp_path)
+    first = start(argv, tmp_path, backend)
     deadline = time.monotonic() + 600
     while not list(tmp_path.glob("multirun/*/1/.hydra/overrides.yaml")):  # job 0 done, job 1 begun
         assert first.poll() is None, first.communicate()[1][-3000:]
@@ -94,7 +101,7 @@ def test_a_sweep_killed_after_its_first_job_resumes_records_a_failed_job_and_sum
     first_job = files_and_mtimes(sweep / "0")
 
     # The same command: the same folder; job 0 is skipped, job 1 fails, job 2 still runs.
-    process, stdout, stderr = run(argv, cwd=tmp_path)
+    process, stdout, stderr = run(argv, tmp_path, backend)
     assert the_sweep_folder(tmp_path) == sweep
     assert f"Sweep folder: multirun/{sweep.name}" in stdout
     assert f"#0 skipped: finished before in {sweep / '0'}" in stdout and "#0 started" not in stdout
@@ -122,7 +129,7 @@ def test_a_sweep_killed_after_its_first_job_resumes_records_a_failed_job_and_sum
         saved = metrics(sweep / row["job"])
         numbers = {name: value for name, value in saved.items() if isinstance(value, (int, float))}
         assert {name: float(row[name]) for name in numbers} == numbers
-        assert row["backend"] == saved["backend"] == "tensorflow"
+        assert row["backend"] == saved["backend"] == backend, "each job ran under the sweep's backend"
     markdown = (sweep / "sweep_summary.md").read_text()
     assert "| job | image_size | validation/accuracy |" in markdown and "| failed: ValueError: Backbone" in markdown
 
@@ -142,36 +149,42 @@ def test_a_sweep_killed_after_its_first_job_resumes_records_a_failed_job_and_sum
                 if metric.name.tag == "validation/accuracy"] == ["validation"]
 
 
-def test_optuna_sweep_gets_each_jobs_metric_and_resumes_by_skipping_finished_trials(photo_folder, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optuna_sweep_gets_each_jobs_metric_and_resumes_by_skipping_finished_trials(backend, photo_folder,
+                                                                                    tmp_path):
     argv = sweep_command(tmp_path, photo_folder, "sweep=optuna_head", "hydra.sweeper.n_trials=2")
-    process, stdout, stderr = run(argv, cwd=tmp_path)
+    process, stdout, stderr = run(argv, tmp_path, backend)
     assert process.returncode == 0, stderr[-3000:]
     sweep = the_sweep_folder(tmp_path)
     assert sweep.name.startswith("optuna_head-")
     results = OmegaConf.load(sweep / "optimization_results.yaml")
     scores = [metrics(sweep / str(job))["validation/accuracy"] for job in range(2)]
     assert results.best_value == max(scores), "Optuna received the jobs' validation/accuracy"
+    assert [metrics(sweep / str(job))["backend"] for job in range(2)] == [backend, backend]
     for job in read_jobs(sweep):
         values = dict(override.split("=", 1) for override in job.overrides)
         assert 1e-5 <= float(values["optimizer.learning_rate"]) <= 1e-2
         assert 0.0 <= float(values["task.dropout_rate"]) <= 0.6
 
-    process, stdout, stderr = run(argv, cwd=tmp_path)  # the seeded sampler proposes the same trials
+    process, stdout, stderr = run(argv, tmp_path, backend)  # the seeded sampler proposes the same trials
     assert process.returncode == 0, stderr[-3000:]
     assert "#0 skipped" in stdout and "#1 skipped" in stdout and "started in process" not in stdout
     assert OmegaConf.load(sweep / "optimization_results.yaml") == results
 
 
 @pytest.mark.slow
-def test_in_process_launchers_record_a_failed_job_and_go_on_and_the_summary_command(photo_folder, tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_in_process_launchers_record_a_failed_job_and_go_on_and_the_summary_command(backend, photo_folder,
+                                                                                     tmp_path):
     # Hydra's basic launcher runs jobs in this process: train.py raises instead of sys.exit for them.
     process, stdout, stderr = run(sweep_command(tmp_path, photo_folder, "hydra/launcher=basic",
-                                                "image_size=[16,16],[64,64]"), cwd=tmp_path)
+                                                "image_size=[16,16],[64,64]"), tmp_path, backend)
     sweep = the_sweep_folder(tmp_path)
     assert process.returncode == 1
     assert "\nValueError: Backbone 'mobilenet' cannot be built with image_size=[16, 16]" in stderr
     assert (sweep / "0" / "error.txt").exists() and (sweep / "1" / "metrics.json").exists()
     assert job_pid(sweep / "0") == job_pid(sweep / "1") == process.pid
+    assert metrics(sweep / "1")["backend"] == backend
 
     result = subprocess.run([sys.executable, "-m", "pipeline.sweeps", str(sweep)], cwd=CONF.parent,
                             capture_output=True, text=True, timeout=120)
