@@ -100,7 +100,7 @@ def write_classification_reports(
         atomic_write_bytes(run_dir / "predictions.png", grid_png)
 
     metrics.update(_scalar_dict(extra_metrics or {}))
-    merge_metrics_json(run_dir / "metrics.json", metrics)
+    merge_metrics_json(run_dir / "metrics.json", {**metrics, **run_facts()})
     if tensorboard_dir is not None:
         images = {"confusion_matrix": confusion_png}
         if grid_png is not None:
@@ -348,6 +348,17 @@ def format_predictions_csv(
             ]
         )
     return _csv_text(rows)
+
+
+def run_facts() -> dict[str, str]:
+    """What metrics.json records beside the numbers (not TensorBoard scalars): the Keras backend.
+
+    Written with the metrics in the same write: metrics.json marks a finished run, so a second write
+    after it could be cut off by a kill and leave a finished-looking run without these facts.
+    """
+    import keras
+
+    return {"backend": keras.backend.backend()}
 
 
 def merge_metrics_json(path: str | Path, metrics: dict[str, float]) -> dict[str, float]:

@@ -26,7 +26,7 @@ from pipeline.distribute import (KERAS_DISTRIBUTIONS, barrier, check_backend, ev
                                  fix_keras_multi_worker_fit, is_chief, saving_is_collective)
 from pipeline.files import atomic_path, atomic_write_text
 from pipeline.hparams import chosen_hparams, end_session, hydra_choices_and_overrides, start_session
-from pipeline.reports import merge_metrics_json, write_skipped_files
+from pipeline.reports import write_skipped_files
 from pipeline.runs import (RunFolderBusy, folder_fingerprint, lock_folder, mark_finished, mark_unfinished,
                            release_folder, set_aside)
 
@@ -126,7 +126,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Reports; metrics.json is written last of all, so a run folder that has it is a finished run.
     metrics = task.evaluate(model, data, output_dir, tensorboard_dir, step=history.epoch[-1] + 1
                             if history.epoch else cfg.epochs)
-    metrics = merge_metrics_json(output_dir / "metrics.json", {"backend": backend})  # not a TensorBoard scalar
+    metrics = {**metrics, "backend": backend}  # the reports wrote it into metrics.json with the metrics
     end_session(tensorboard_dir, "success")
     mark_finished(output_dir)
     if resume_dir is not None and chief:

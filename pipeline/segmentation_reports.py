@@ -11,7 +11,7 @@ from matplotlib.patches import Patch
 
 from pipeline.files import atomic_write_bytes, atomic_write_text
 from pipeline.reports import (_csv_text, format_confusion_matrix_csv, log_metrics_by_split, log_to_tensorboard,
-                              merge_metrics_json, plot_confusion_matrix, render_png)
+                              merge_metrics_json, plot_confusion_matrix, render_png, run_facts)
 from pipeline.segmentation import IGNORE_LABEL, voc_colormap
 from pipeline.segmentation_metrics import per_class_scores, segmentation_scores
 
@@ -65,7 +65,7 @@ def write_segmentation_reports(
     if examples:
         images["predictions"] = render_png(plot_overlays(examples, class_names))
         atomic_write_bytes(run_dir / "predictions.png", images["predictions"])
-    merge_metrics_json(run_dir / "metrics.json", metrics)
+    merge_metrics_json(run_dir / "metrics.json", {**metrics, **run_facts()})
     if tensorboard_dir is not None:
         log_to_tensorboard(Path(tensorboard_dir) / split, images=images, scalars={}, step=step)
         log_metrics_by_split(tensorboard_dir, metrics, step=step)

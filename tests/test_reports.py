@@ -191,6 +191,7 @@ def test_metrics_json_merge_keeps_earlier_keys(run):
     for key in ("accuracy", "top_2_accuracy", "mean_class_accuracy", "macro_f1"):
         assert metrics[f"test/{key}"] == pytest.approx(run["returned"][f"test/{key}"])
     assert metrics["test/examples"] == len(run["labels"])
+    assert metrics["backend"] == "tensorflow", "in the same write as the metrics, not a second one a kill can cut off"
 
     reports.merge_metrics_json(path, {"validation/accuracy": 0.75})
     merged = json.loads(path.read_text())

@@ -104,7 +104,8 @@ def test_reports_write_the_iou_table_confusion_matrix_overlays_and_metrics(tmp_p
                                          examples=[("one", image, labels, predicted)],
                                          extra_metrics={"test/loss": 0.5}, tensorboard_dir=tmp_path / "tb")
     assert metrics["test/mean_iu"] == pytest.approx(score_py(hist.astype(float))[2])
-    assert json.loads((tmp_path / "metrics.json").read_text())["test/pixel_accuracy"] == pytest.approx(5 / 7)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test/pixel_accuracy"] == pytest.approx(5 / 7) and saved["backend"] == "tensorflow"
     with open(tmp_path / "per_class_iou.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["class"] for row in rows] == [*names, "mean"]
