@@ -21,13 +21,17 @@ def register_custom_objects() -> None:
 
 
 class _RegisterAfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds `keras` with the other finders and runs `register_custom_objects` once it is loaded."""
+    """Finds `keras` with the other finders and runs `register_custom_objects` once it is loaded.
+
+    It stays in `sys.meta_path` until Keras is really loaded, not only looked up: `import tensorflow`
+    first asks `importlib.util.find_spec("keras")` and imports it afterwards, and a finder gone after
+    that first question let `predict.py model=run/model.keras` load Keras unregistered.
+    """
 
     def find_spec(self, name, path=None, target=None):
         if name != "keras":
             return None
-        sys.meta_path.remove(self)  # once; the finders below find the real module
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # the real module, past this finder
         if spec is None or spec.loader is None:
             return spec
         self._loader = spec.loader
@@ -38,6 +42,8 @@ class _RegisterAfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # Keras is loaded once
         self._loader.exec_module(module)
         register_custom_objects()
 
