@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,22 @@ def sweep_id(script: str, overrides: Iterable[str]) -> str:
 
 class JobFailed(CompactHydraException):
     """A job of a sweep failed; the sweep went on. Hydra prints only this message, no traceback."""
+
+
+def keras_backend_of_jobs() -> str:
+    """The Keras backend a job started from this process will use, without importing Keras (seconds).
+
+    Keras's own order: `KERAS_BACKEND`, else `"backend"` in `$KERAS_HOME/keras.json` (default
+    `~/.keras`), else TensorFlow.
+    """
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        backend = json.loads(Path(home, "keras.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        backend = None
+    return backend if isinstance(backend, str) and backend else "tensorflow"
 
 
 def split_override(override: str) -> tuple[str, str]:

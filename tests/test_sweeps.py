@@ -195,6 +195,25 @@ def test_in_process_launchers_record_a_failed_job_and_go_on_and_the_summary_comm
 
 # Fast checks without training.
 
+def test_a_sweep_rerun_under_the_other_backend_runs_its_finished_jobs_again(tmp_path):
+    """The backend is not in the config: a job that finished under TensorFlow is not JAX's result."""
+    # One job that stops at its config check (no data, about a second), then made to look finished.
+    argv = [sys.executable, TRAIN, "-m", f"paths.root={tmp_path}", "dataset=folder",
+            f"dataset.root={tmp_path / 'missing'}", "seed=3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    process, _, stderr = run(argv, tmp_path)
+    job = tmp_path / "sweep" / "0"
+    assert process.returncode == 1 and (job / "error.txt").exists(), stderr[-3000:]
+    (job / "error.txt").unlink()
+    (job / "metrics.json").write_text(json.dumps({"backend": "tensorflow", "validation/accuracy": 0.5}))
+
+    process, stdout, stderr = run(argv, tmp_path, "tensorflow")
+    assert process.returncode == 0 and f"#0 skipped: finished before in {job}" in stdout + stderr
+    process, stdout, stderr = run(argv, tmp_path, "jax")
+    assert f"#0: {job} holds a job finished under the tensorflow backend, and this sweep runs under jax; it is " \
+           f"run again, the old outputs are in {job / 'previous-1'}" in stdout + stderr
+    assert "#0 started" in stdout + stderr and process.returncode == 1, "run (and failed again: no data)"
+    assert json.loads((job / "previous-1" / "metrics.json").read_text())["backend"] == "tensorflow"
+
 def test_the_default_launcher_for_multirun_is_the_process_per_job_one():
     from hydra.core.plugins import Plugins
     from hydra.plugins.launcher import Launcher

@@ -32,8 +32,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline.runs import folder_owner, set_aside
-from pipeline.sweeps import (SUMMARY_MARKDOWN, JobFailed, error_line, read_job, split_override, sweep_id,
-                             write_summary)
+from pipeline.sweeps import (SUMMARY_MARKDOWN, JobFailed, error_line, keras_backend_of_jobs, read_job,
+                             split_override, sweep_id, write_summary)
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +130,20 @@ class ProcessPerJobLauncher(Launcher):
                 f"{owner}. Wait for that process to end (or end it), then run the same command again."))
         previous = read_job(job.folder)
         if previous and previous.status == "finished":
-            if same_config(job):
+            # The backend is not in the config (KERAS_BACKEND): a job of the other backend is run again.
+            backend, before = keras_backend_of_jobs(), previous.metrics.get("backend")
+            if same_config(job) and before in (None, backend):
                 log.info("#%d skipped: finished before in %s", job.number, job.folder)
                 return job_return(job, previous.metrics)
             moved = set_aside(job.folder)
-            log.warning("#%d: %s holds a finished job with another config (overrides %s, or an edited conf/); "
-                        "it is run again, the old outputs are in %s", job.number, job.folder,
-                        " ".join(previous.overrides), moved)
+            if before not in (None, backend):
+                log.warning("#%d: %s holds a job finished under the %s backend, and this sweep runs under %s; "
+                            "it is run again, the old outputs are in %s", job.number, job.folder, before, backend,
+                            moved)
+            else:
+                log.warning("#%d: %s holds a finished job with another config (overrides %s, or an edited "
+                            "conf/); it is run again, the old outputs are in %s", job.number, job.folder,
+                            " ".join(previous.overrides), moved)
         for stale in ("metrics.json", "error.txt"):  # a failed re-run must not look finished
             (job.folder / stale).unlink(missing_ok=True)
 
