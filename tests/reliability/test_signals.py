@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,15 +15,17 @@ from tests.conftest import CONF, TINY
 from tests.test_hparams import session
 
 
-def start(photo_folder, tmp_path, name):
+def start(photo_folder, tmp_path, name, backend):
     command = [sys.executable, "train.py", *TINY, f"dataset.root={photo_folder}", "epochs=100000",
                "task=classification", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / name}"]
-    return subprocess.Popen(command, cwd=CONF.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=CONF.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KERAS_BACKEND": backend})
 
 
 @pytest.mark.slow  # two training processes: 2 minutes on 2 shared cores
-def test_ctrl_c_and_sigterm_print_one_line_and_end_by_their_signal(photo_folder, tmp_path):
-    runs = {number: start(photo_folder, tmp_path, number.name) for number in (signal.SIGINT, signal.SIGTERM)}
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])  # under JAX the signal arrives inside jitted steps
+def test_ctrl_c_and_sigterm_print_one_line_and_end_by_their_signal(backend, photo_folder, tmp_path):
+    runs = {number: start(photo_folder, tmp_path, number.name, backend) for number in (signal.SIGINT, signal.SIGTERM)}
     folders = {number: tmp_path / number.name for number in runs}
     deadline = time.monotonic() + 300
     waiting = dict(runs)
@@ -36,7 +39,7 @@ def test_ctrl_c_and_sigterm_print_one_line_and_end_by_their_signal(photo_folder,
     for number, process in runs.items():
         stdout, stderr = process.communicate(timeout=120)
         assert process.returncode == -number, (process.returncode, stderr[-3000:])  # the shell's 130 / 143
-        assert "Traceback" not in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr and f"Keras backend: {backend}" in stderr, stderr[-3000:]
         how = "Ctrl-C" if number == signal.SIGINT else "SIGTERM"
         lines = [line for line in stderr.splitlines() if "Interrupted by" in line]
         assert len(lines) == 1 and how in lines[0] and "run the same command again to resume" in lines[0], stderr
