@@ -1,9 +1,11 @@
-"""The whole pipeline under KERAS_BACKEND=jax: every task, keras.distribution on two devices and two hosts.
+"""The whole pipeline under KERAS_BACKEND=jax: every task, predict.py and annotate.py, keras.distribution
+on two devices and two hosts.
 
 The backend is fixed when Keras is imported, so every JAX run is a `train.py` process of its own.
 Tolerances were measured on CPU: FCN-32s (zero-initialised scores on frozen ImageNet MobileNet v1)
 gives the same test loss under JAX and TensorFlow to 1e-7; data_parallel over two devices or two
-processes equals one device to 2e-7; cached features agree across backends to 1e-4. Random
+processes equals one device to 2e-7; cached features agree across backends to 1e-4; annotate.py's
+best scores to 2e-6. Random
 initialisations differ between backends (each has its own generator), so runs with a randomly
 initialised head are compared within a backend only.
 """
@@ -15,10 +17,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 import pipeline.layers  # noqa: F401  registers the custom layers, to load exported models
 from pipeline.data import decode_image
@@ -30,6 +34,10 @@ from tests.test_distribute import free_ports
 # training is deterministic within a backend.
 PHOTOS = ["backbone=mobilenet_v1", "debug=tiny", "dataset=folder", "dataset.validation_percent=25",
           "dataset.test_percent=25", "deterministic=true", "task.dropout_rate=0.0"]
+# predict.py under JAX against the probabilities a JAX run wrote to predictions.csv (6 decimals there).
+PREDICT_TOLERANCE = 1e-5
+# annotate.py's best score per class (a probability), JAX against TensorFlow.
+ANNOTATE_TOLERANCE = 1e-5  # measured: 2e-6 (coffee.png, chelsea.png at max_side=512)
 FCN = ["task=fcn32", "dataset=voc_demo", "backbone=mobilenet_v1", "debug=tiny", "callbacks=minimal",
        "image_size=[64,96]", "batch_size=2", "epochs=2", "task.augmentation=null",
        "optimizer.learning_rate=1e-2", "deterministic=true"]
@@ -108,6 +116,18 @@ def test_transfer_under_jax_cold_then_warm_cache_and_its_model_loads_under_tenso
         assert names[int(np.argmax(probabilities))] == row["predicted_class"]
         assert abs(float(probabilities.max()) - float(row["probability"])) < 1e-4
 
+    # predict.py under JAX, on the run's model.keras, gives the classes and probabilities the run reported.
+    inputs = [str(shared["photos"] / row["relative_path"]) for row in rows]
+    result = subprocess.run([sys.executable, "predict.py", f"model={tmp_path / 'cold' / 'model.keras'}",
+                             f"inputs=[{','.join(inputs)}]", "top_k=1", f"hydra.run.dir={tmp_path / 'predict'}"],
+                            cwd=CONF.parent, capture_output=True, text=True, env=jax_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads((tmp_path / "predict" / "predictions.json").read_text())
+    assert [record["path"] for record in records] == inputs
+    for record, row in zip(records, rows):
+        assert record["top_k"][0]["name"] == row["predicted_class"], record
+        assert abs(record["top_k"][0]["probability"] - float(row["probability"])) < PREDICT_TOLERANCE
+
 
 @pytest.mark.slow
 def test_classification_with_augmentation_trains_under_jax(shared, tmp_path):
@@ -180,3 +200,29 @@ def test_a_strategy_of_the_other_backend_is_a_one_line_error(tmp_path):
 
     with pytest.raises(ValueError, match="data_parallel is keras.distribution, which needs KERAS_BACKEND=jax"):
         train(compose_config(["strategy=data_parallel"], tmp_path))
+
+
+@pytest.mark.slow
+def test_annotate_gives_the_same_annotation_under_jax_and_tensorflow(shared, tmp_path):
+    from skimage import data as skimage_data
+
+    from pipeline.annotate import annotate
+    from tests.test_annotate import compose_annotate
+
+    photos = [str(Path(skimage_data.__file__).parent / name) for name in ("coffee.png", "chelsea.png")]
+    overrides = [f"inputs=[{','.join(photos)}]", f"paths.cache_dir={shared['cache']}", "max_side=512"]
+    result = subprocess.run([sys.executable, "annotate.py", *overrides, f"hydra.run.dir={tmp_path / 'jax'}"],
+                            cwd=CONF.parent, capture_output=True, text=True, env=jax_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    under_jax = json.loads((tmp_path / "jax" / "annotations.json").read_text())
+    under_tensorflow = annotate(compose_annotate([*overrides, f"paths.output_dir={tmp_path / 'tf'}"], tmp_path))
+    assert under_jax[0]["classes"][0]["name"] == "espresso"
+    for a, b in zip(under_jax, under_tensorflow):
+        assert a["path"] == b["path"] and a["map_size"] == b["map_size"]
+        assert a["coarse_class_map"] == b["coarse_class_map"], "the same class in every cell"
+        assert [entry["index"] for entry in a["classes"]] == [entry["index"] for entry in b["classes"]]
+        for x, y in zip(a["classes"], b["classes"]):
+            assert x["share"] == y["share"], (x, y)
+            assert abs(x["best_score"] - y["best_score"]) <= ANNOTATE_TOLERANCE, (x, y)
+        labels = [np.asarray(Image.open(record["labels_png"])) for record in (a, b)]
+        assert np.array_equal(*labels), "the same class at every pixel"
