@@ -18,8 +18,11 @@ from tests.test_hparams import session
 def start(photo_folder, tmp_path, name, backend):
     command = [sys.executable, "train.py", *TINY, f"dataset.root={photo_folder}", "epochs=100000",
                "task=classification", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / name}"]
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: restore it,
+    # so the test means the same wherever pytest runs.
     return subprocess.Popen(command, cwd=CONF.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "KERAS_BACKEND": backend})
+                            env={**os.environ, "KERAS_BACKEND": backend},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow  # two training processes: 2 minutes on 2 shared cores
