@@ -57,6 +57,20 @@ def photo_folder(tmp_path) -> Path:
     return write_photo_folder(tmp_path / "photos")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_jax_compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for every JAX process the tests start.
+
+    Each new JAX process compiles again what the last one did: Keras initialises every weight before
+    loading or training (one compilation per weight shape), then compiles its steps; 15-20 s of each
+    `train.py` / `predict.py` under KERAS_BACKEND=jax on 2 cores. The processes inherit this
+    environment; the first one of a session still compiles everything.
+    """
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-compilation-cache"))
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the initialisers take 0.5 s each
+    yield
+
+
 @pytest.fixture(autouse=True)
 def fresh_keras_session():
     yield
