@@ -287,8 +287,7 @@ def test_a_killed_sweep_launcher_takes_its_job_along_and_a_busy_job_folder_is_ne
     os.kill(launcher.pid, signal_number)  # the launcher alone, not its process group
     launcher.wait()
     deadline = time.monotonic() + 30
-    # Both: the lock is freed when the process's last thread has exited, which can follow its main
-    # thread's (what `gone` sees) by a moment under JAX's many threads on a loaded machine.
+    # The lock goes with the last of the job's threads, which may outlive its main thread's zombie a moment.
     while not gone(trainer) or folder_owner(job) is not None:
         assert time.monotonic() < deadline, "the job went on training without its launcher"
         time.sleep(0.05)
