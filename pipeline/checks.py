@@ -11,6 +11,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pipeline.export import FORMATS  # a constant: pipeline.export imports nothing heavy
+from pipeline.files import as_list
+from pipeline.folders import check_coco_layout, check_image_folder, check_voc_layout
+
 # Where a user sets a value that tasks read through interpolation: `task.dataset` is `${dataset}`.
 _USER_KEYS = {"task.dataset.": "dataset.", "task.backbone.": "backbone."}
 
@@ -47,15 +51,18 @@ def user_key(key: str) -> str:
 def check_train_config(cfg: DictConfig) -> None:
     """Stops a run whose config cannot work, before anything slow is imported or built.
 
-    Checks that every mandatory value (`???`) is set, normalises `image_size` (one int -> a square,
-    in place), that a dataset root given as a path exists, and the ranges of `check_run_config`.
+    Checks that every mandatory value (`???`) is set, normalises `image_size` (one int -> a square)
+    and `export.formats` (one name -> a list) in place, the export formats, that a dataset root given
+    as a path exists and holds what its dataset needs (`check_dataset_on_disk`), and the ranges of
+    `check_run_config`.
 
     Args:
         cfg: the composed `conf/train.yaml`.
 
     Raises:
-        ValueError: a missing value, a malformed `image_size` or a value out of its range.
-        FileNotFoundError: a dataset root that is not a folder.
+        ValueError: a missing value, a malformed `image_size`, an unknown export format, a value out of
+            its range, or a data set that cannot be used (fewer than two classes, a class without images).
+        FileNotFoundError: a dataset root that is not a folder, or a VOC / COCO folder or file missing.
     """
     missing = sorted(user_key(key) for key in OmegaConf.missing_keys(cfg))
     if missing:
@@ -64,13 +71,67 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ValueError(f"Missing mandatory value: {listing}. Set it on the command line: "
                          f"python train.py ... {missing[0]}=VALUE.")
     cfg.image_size = image_size_pair(cfg.image_size)
-    root = cfg.dataset.get("root") if isinstance(cfg.get("dataset"), DictConfig) else None
-    if isinstance(root, str) and not Path(root).expanduser().is_dir():
+    if "export" in cfg:
+        cfg.export.formats = export_formats(cfg.export.formats)
+    check_run_config(cfg)
+    if isinstance(cfg.get("dataset"), DictConfig):
+        check_dataset_on_disk(cfg.dataset)
+
+
+def export_formats(value) -> list[str]:
+    """`export.formats` as a list of known names (one name alone is a list of one), checked before training.
+
+    Args:
+        value: a name, a list of names, or None / an empty list for no export.
+
+    Raises:
+        ValueError: an unknown name, with the valid ones.
+    """
+    formats = as_list(value)
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown:
+        hint = " (TFLite is written by litert: model.tflite)" if {"tflite", "lite"} & set(unknown) else ""
+        raise ValueError(f"export.formats has unknown format(s) {unknown}: choose from {list(FORMATS)}{hint}, "
+                         "e.g. export.formats=[saved_model,onnx].")
+    return formats
+
+
+# The on-disk checks each dataset class can have before TensorFlow is imported, by its `_target_`. Each
+# class calls the same function again when it is built (pipeline/folders.py holds the rules once), so the two
+# never disagree; a dataset class of your own is checked when it is built.
+DATASET_CHECKS = {
+    "pipeline.data.ImageFolder": check_image_folder,
+    "pipeline.segmentation.VOCSegmentation": check_voc_layout,
+    "pipeline.segmentation.COCOSegmentation": check_coco_layout,
+}
+
+
+def check_dataset_on_disk(dataset: DictConfig) -> None:
+    """The dataset's root exists and holds what its class needs, listing folders only (no image is opened).
+
+    A folder-per-class root needs two class folders with an image each; VOC its JPEGImages/ and id lists;
+    COCO its annotation files and image folders. A root written on first use (`dataset=demo`,
+    `voc_demo`: a `_target_`, not a path) is not checked here.
+
+    Args:
+        dataset: the composed `dataset` group.
+
+    Raises:
+        FileNotFoundError, ValueError, ImportError: what the dataset's constructor would raise, with the same message.
+    """
+    root = dataset.get("root")
+    if not isinstance(root, str):
+        return
+    if not Path(root).expanduser().is_dir():
         raise FileNotFoundError(
             f"Dataset root {Path(root).expanduser().resolve()} does not exist or is not a folder. Set "
             "dataset.root to your data's folder (datasets/README.md shows each dataset's layout)."
         )
-    check_run_config(cfg)
+    check = DATASET_CHECKS.get(dataset.get("_target_"))
+    if check is not None:
+        options = OmegaConf.to_container(dataset, resolve=True)
+        del options["_target_"]
+        check(**options)
 
 
 def _number(value: Any) -> bool:
