@@ -75,6 +75,8 @@ def check_train_config(cfg: DictConfig) -> None:
         cfg.export.formats = export_formats(cfg.export.formats)
     check_run_config(cfg)
     if isinstance(cfg.get("dataset"), DictConfig):
+        if isinstance(cfg.get("task"), DictConfig):
+            check_task_fits_dataset(cfg.task.get("_target_"), cfg.dataset.get("_target_"))
         check_dataset_on_disk(cfg.dataset)
 
 
@@ -94,6 +96,51 @@ def export_formats(value) -> list[str]:
         raise ValueError(f"export.formats has unknown format(s) {unknown}: choose from {list(FORMATS)}{hint}, "
                          "e.g. export.formats=[saved_model,onnx].")
     return formats
+
+
+# The data each task reads (its option name for messages, and the kind), and each dataset class's kind, by
+# `_target_`: a task given the other kind stops here, before TensorFlow loads. The tasks check the same with
+# isinstance when they are built (so a class of your own is checked then), raising `dataset_mismatch` too.
+TASK_DATA = {
+    "pipeline.tasks.transfer.TransferTask": ("transfer", "folder"),
+    "pipeline.tasks.classification.ClassificationTask": ("classification", "folder"),
+    "pipeline.tasks.fcn32.FCN32Task": ("fcn32", "segmentation"),
+}
+DATASET_KINDS = {
+    "pipeline.data.ImageFolder": "folder",
+    "pipeline.segmentation.VOCSegmentation": "segmentation",
+    "pipeline.segmentation.COCOSegmentation": "segmentation",
+}
+
+
+def dataset_mismatch(task_name: str, needs: str, dataset_class: str) -> ValueError:
+    """The error for a task given a dataset of the other kind, saying which option to add or change.
+
+    Args:
+        task_name: the task's option (`transfer`, `classification`, `fcn32`).
+        needs: "folder" (folder-per-class) or "segmentation", what the task reads.
+        dataset_class: the dataset's class name.
+    """
+    if needs == "folder":
+        return ValueError(
+            f"task={task_name} needs a folder-per-class dataset (dataset=demo, or dataset=folder "
+            f"dataset.root=...); got {dataset_class}, a segmentation dataset. For segmentation "
+            f"add task=fcn32: python train.py task=fcn32 dataset=voc_demo."
+        )
+    return ValueError(f"task={task_name} needs a segmentation dataset (dataset=voc, voc_sbd, voc_demo or coco); "
+                      f"got {dataset_class}. For a folder-per-class dataset use task=transfer or task=classification.")
+
+
+def check_task_fits_dataset(task_target: str | None, dataset_target: str | None) -> None:
+    """Raises `dataset_mismatch` when the configured task reads another kind of data than the dataset gives.
+
+    Args:
+        task_target, dataset_target: the `_target_`s of the task and dataset groups (others are not checked here).
+    """
+    task_name, needs = TASK_DATA.get(task_target, (None, None))
+    kind = DATASET_KINDS.get(dataset_target)
+    if needs is not None and kind is not None and kind != needs:
+        raise dataset_mismatch(task_name, needs, dataset_target.rsplit(".", 1)[1])
 
 
 # The on-disk checks each dataset class can have before TensorFlow is imported, by its `_target_`. Each
