@@ -99,6 +99,9 @@ def export(cfg: DictConfig) -> None:
     with one_line_errors(cfg.paths.output_dir, log, "; nothing was exported"):
         from omegaconf import OmegaConf
 
+        from pipeline.export import check_formats
+
+        check_formats(cfg.formats)  # a typo is found before TensorFlow loads (seconds)
         quiet_tensorflow_start()
         from pipeline.export.run import export_run, summary
 

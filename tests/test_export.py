@@ -4,6 +4,7 @@ give model.keras's answers in their own runtimes, on real photos."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -240,13 +241,15 @@ def test_export_command_line_writes_the_formats_and_a_bad_format_is_one_line(tra
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-def test_export_command_line_exports_a_run(transfer_run, tmp_path):
+def test_export_command_line_exports_a_run_also_under_the_jax_backend(transfer_run, tmp_path):
+    """Under JAX, export.py (like a JAX training run with export.formats) exports in a TensorFlow child."""
     run_dir = tmp_path / "run"  # a copy: the module's run keeps its export for the other tests
     shutil.copytree(transfer_run, run_dir, ignore=shutil.ignore_patterns("export", "checkpoints", "tensorboard"))
     result = subprocess.run([sys.executable, "export.py", f"run_dir={run_dir}", "formats=[litert]",
-                             f"hydra.run.dir={tmp_path}/cli"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                             f"hydra.run.dir={tmp_path}/cli"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "with the TensorFlow backend in a child process (this one runs jax)" in result.stderr
     assert "litert" in result.stdout and "top-1 agreement 100.0 %" in result.stdout
     assert sorted(path.name for path in (run_dir / "export").iterdir()) == ["labels.txt", "model.tflite",
                                                                          "parity.json"]

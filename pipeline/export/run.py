@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from pipeline.export import FILE_NAMES, FORMATS
+from pipeline.export import FILE_NAMES, FORMATS, check_formats
 from pipeline.export.parity import ParityError, compare, failures
 from pipeline.export.runtimes import litert_input_size, read_rgb, runner_for
-from pipeline.files import as_list, atomic_write_text
+from pipeline.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,18 @@ def export_run(
         Keras model's own latency.
     """
     run_dir = Path(run_dir)
-    formats = as_list(formats)  # formats=onnx on the command line is one format
-    unknown = [name for name in formats if name not in FORMATS]
-    if unknown or not formats:
-        raise ValueError(f"Unknown export format(s) {unknown or list(formats)}: choose from {list(FORMATS)}, "
-                         "e.g. formats=[saved_model,litert,onnx].")
+    formats = check_formats(formats)
     model_path = run_dir / "model.keras"
     if not model_path.is_file():
         raise FileNotFoundError(f"No model.keras in {run_dir}: give the folder of a finished training run "
                                 "(run_dir=outputs/<date>/<time>).")
     import keras  # after the checks: TensorFlow takes seconds to load
 
+    if keras.backend.backend() != "tensorflow":
+        if model is not None:
+            raise ValueError("export_run(model=...) needs KERAS_BACKEND=tensorflow: the formats are written from "
+                             f"TensorFlow graphs, and this process runs {keras.backend.backend()}.")
+        return _export_under_tensorflow(run_dir, formats, images, max_images, image_size, keras.backend.backend())
     import pipeline  # noqa: F401  registers the custom objects before loading
     from pipeline.export.formats import float32_copy, write_litert, write_onnx, write_saved_model
 
@@ -93,9 +94,7 @@ def export_run(
             except ParityError as error:
                 raise ParityError(f"Export refused: {name} ({path.name}) {error}.") from error
             results[name] = {"file": FILE_NAMES[name], "input": note, **numbers}
-            log.info("%s: max |difference| %.2e, top-1 agreement %.2f %%, %.1f ms/image (%s)", name,
-                     numbers["max_abs_difference"], 100 * numbers["top1_agreement"],
-                     numbers["latency_ms_per_image"], note)
+            _log_result(name, results[name])
         broken = failures(results)
         if broken:
             raise ParityError(f"Export refused, {run_dir}/export/ not written: the exported files do not give "
@@ -106,6 +105,43 @@ def export_run(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return results
+
+
+def _export_under_tensorflow(run_dir: Path, formats: list[str], images: list[str] | None, max_images: int,
+                             image_size: list[int] | tuple[int, int] | None, backend: str) -> dict[str, dict]:
+    """`export_run` in a child Python on the TensorFlow backend, for a process that runs another one.
+
+    SavedModel, LiteRT and ONNX are written from TensorFlow graphs, and Keras's backend is fixed
+    once Keras is imported; model.keras is backend-neutral, so the child loads the file this
+    process wrote (e.g. at the end of a JAX training run) and exports it as `export.py` would.
+    """
+    import subprocess
+    import sys
+
+    arguments = dict(run_dir=str(run_dir), formats=list(formats), images=images, max_images=max_images,
+                     image_size=list(image_size) if image_size else None)
+    code = ("import json, sys; from pipeline.export.run import export_run; "
+            "print(json.dumps(export_run(**json.loads(sys.argv[1]))))")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    log.info("Exporting %s with the TensorFlow backend in a child process (this one runs %s)",
+             ", ".join(formats), backend)
+    child = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, errors="surrogateescape")
+    if child.returncode != 0:
+        # The child's own last line is its error (ParityError, FileNotFoundError...): raise it here.
+        lines = [line for line in child.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"Export under TensorFlow failed (exit {child.returncode}): "
+                           f"{lines[-1] if lines else 'no output'}") from ChildProcessError(child.stderr[-8000:])
+    results = json.loads(child.stdout.splitlines()[-1])
+    for name in formats:
+        _log_result(name, results[name])
+    return results
+
+
+def _log_result(name: str, result: dict) -> None:
+    log.info("%s: max |difference| %.2e, top-1 agreement %.2f %%, %.1f ms/image (%s)", name,
+             result["max_abs_difference"], 100 * result["top1_agreement"], result["latency_ms_per_image"],
+             result["input"])
 
 
 def summary(results: dict[str, dict]) -> str:
