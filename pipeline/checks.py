@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.export import FORMATS  # a constant: pipeline.export imports nothing heavy
+from pipeline.export import check_formats  # pipeline/export/__init__.py imports nothing heavy
 from pipeline.files import as_list
 from pipeline.folders import check_coco_layout, check_image_folder, check_voc_layout
 
@@ -81,7 +81,9 @@ def check_train_config(cfg: DictConfig) -> None:
 
 
 def export_formats(value) -> list[str]:
-    """`export.formats` as a list of known names (one name alone is a list of one), checked before training.
+    """`export.formats` as a list of known names (one name alone is a list of one; none: no export).
+
+    The names are checked by export's own `check_formats`, before training, so a typo never costs a run.
 
     Args:
         value: a name, a list of names, or None / an empty list for no export.
@@ -90,12 +92,11 @@ def export_formats(value) -> list[str]:
         ValueError: an unknown name, with the valid ones.
     """
     formats = as_list(value)
-    unknown = [name for name in formats if name not in FORMATS]
-    if unknown:
-        hint = " (TFLite is written by litert: model.tflite)" if {"tflite", "lite"} & set(unknown) else ""
-        raise ValueError(f"export.formats has unknown format(s) {unknown}: choose from {list(FORMATS)}{hint}, "
-                         "e.g. export.formats=[saved_model,onnx].")
-    return formats
+    try:
+        return check_formats(formats) if formats else []
+    except ValueError as error:
+        hint = " TFLite files are written by litert (model.tflite)." if {"tflite", "lite"} & set(formats) else ""
+        raise ValueError(f"export.formats: {error}{hint}") from None
 
 
 # The data each task reads (its option name for messages, and the kind), and each dataset class's kind, by
