@@ -74,10 +74,36 @@ def check_train_config(cfg: DictConfig) -> None:
     if "export" in cfg:
         cfg.export.formats = export_formats(cfg.export.formats)
     check_run_config(cfg)
+    backbone = cfg.get("backbone")
+    if isinstance(backbone, DictConfig) and backbone.get("_target_") == "pipeline.backbones.Backbone":
+        check_weights_file(backbone.name, backbone.get("weights", "imagenet"),
+                           backbone.get("checkpoint_importer") is not None)
     if isinstance(cfg.get("dataset"), DictConfig):
         if isinstance(cfg.get("task"), DictConfig):
             check_task_fits_dataset(cfg.task.get("_target_"), cfg.dataset.get("_target_"))
         check_dataset_on_disk(cfg.dataset)
+
+
+def check_weights_file(name: str, weights: str | None, has_importer: bool) -> None:
+    """`backbone.weights` is "imagenet", null, or a file that exists; run by `pipeline.backbones.Backbone` too.
+
+    Args:
+        name: the backbone's name, for the message.
+        weights: the `weights` value.
+        has_importer: the backbone reads checkpoints too (a TF checkpoint is named by its prefix:
+            `vgg_16.ckpt` for vgg_16.ckpt.index + .data-* files).
+
+    Raises:
+        FileNotFoundError: a path that is not a file (nor a checkpoint prefix).
+    """
+    if weights in (None, "imagenet"):
+        return
+    if not (Path(weights).is_file() or (has_importer and Path(f"{weights}.index").is_file())):
+        raise FileNotFoundError(
+            f"backbone.weights={weights!r} is neither 'imagenet', null, nor an existing file. "
+            f"Give the path of a .h5 or .weights.h5 file for {name} without its top"
+            + (", or of a checkpoint its importer reads." if has_importer else ".")
+        )
 
 
 def export_formats(value) -> list[str]:

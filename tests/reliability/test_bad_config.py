@@ -141,6 +141,8 @@ def without_tensorflow(tmp_path_factory):
     (["dataset=folder", "dataset.root=/no/such/folder"], "Dataset root /no/such/folder does not exist"),
     (["image_size=[224,wide]"], "image_size must be one positive int for a square (image_size=160) or [height, width]"),
     (["image_size=[224,224,3]"], "got [224, 224, 3]"),
+    (["backbone.weights=/no/such/file.h5"], "backbone.weights='/no/such/file.h5' is neither 'imagenet', null, nor an "
+                                            "existing file"),
 ])
 def test_config_and_data_root_are_checked_before_tensorflow_is_imported(overrides, message, tmp_path,
                                                                          without_tensorflow):
