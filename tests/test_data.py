@@ -141,6 +141,7 @@ def test_one_extension_without_brackets_is_one_extension(photo_folder, tmp_path)
     folder = instantiate(cfg.dataset)
     assert folder.extensions == (".png",)
     assert sum(len(split) for split in folder.splits.values()) == 9  # every 4th photo of 3 x 12 is a .png
+    assert ImageFolder(str(photo_folder), extensions=["png", "JPG"]).extensions == (".png", ".jpg")  # dot optional
 
 
 def test_linked_class_folders_and_sub_folders_are_followed_and_loops_skipped(tmp_path, caplog):
