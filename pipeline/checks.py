@@ -1,7 +1,9 @@
 """Checks of a composed config that need no TensorFlow: run first, so a typo is reported in a second.
 
-Importing TensorFlow takes several seconds; a missing `dataset.root` or a malformed `image_size`
-should not wait for it. Everything here reads only the config and the file system.
+Importing TensorFlow takes several seconds; a missing `dataset.root`, a malformed `image_size`, a data
+folder with one class or an export format that does not exist should not wait for it (nor, for the last,
+for a whole training run). Everything here reads only the config and the file system: folders are
+listed, no image or weights file is opened.
 """
 
 from __future__ import annotations
@@ -52,17 +54,20 @@ def check_train_config(cfg: DictConfig) -> None:
     """Stops a run whose config cannot work, before anything slow is imported or built.
 
     Checks that every mandatory value (`???`) is set, normalises `image_size` (one int -> a square)
-    and `export.formats` (one name -> a list) in place, the export formats, that a dataset root given
-    as a path exists and holds what its dataset needs (`check_dataset_on_disk`), and the ranges of
-    `check_run_config`.
+    and `export.formats` (one name -> a list) in place, the export formats, the ranges of
+    `check_run_config`, that a `backbone.weights` path exists, that the task reads the kind of data
+    the dataset gives, and that a dataset root given as a path exists and holds what its dataset
+    needs (`check_dataset_on_disk`).
 
     Args:
         cfg: the composed `conf/train.yaml`.
 
     Raises:
         ValueError: a missing value, a malformed `image_size`, an unknown export format, a value out of
-            its range, or a data set that cannot be used (fewer than two classes, a class without images).
-        FileNotFoundError: a dataset root that is not a folder, or a VOC / COCO folder or file missing.
+            its range, a task given the other kind of dataset, or a data set that cannot be used (fewer
+            than two classes, a class without images).
+        FileNotFoundError: a weights file or a dataset root that does not exist, or a VOC / COCO folder
+            or file missing.
     """
     missing = sorted(user_key(key) for key in OmegaConf.missing_keys(cfg))
     if missing:
