@@ -87,7 +87,8 @@ def test_two_workers_on_localhost_train_once_and_only_the_chief_writes(photo_fol
     assert_same_metrics(metrics(tmp_path, "worker0"), metrics(tmp_path, "single"), tolerance=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+# TensorFlow's exact resume is in the default suite as test_run_integrity's kill-and-continue test.
+@pytest.mark.parametrize("backend", [pytest.param("tensorflow", marks=pytest.mark.slow), "jax"])
 def test_killed_run_resumes_at_its_last_epoch_and_ends_exactly_as_an_uninterrupted_run(backend, photo_folder,
                                                                                        tmp_path):
     common = [*EXACT, f"dataset.root={photo_folder}", "epochs=12", "optimizer=sgd",
