@@ -270,9 +270,14 @@ def check_voc_layout(root: str, splits: dict[str, list[str]] | None = None, sbd_
     if not (root / "JPEGImages").is_dir():
         raise not_voc_error(root)
     sbd = Path(sbd_root).expanduser().resolve() if sbd_root else None
-    for sources in (splits or {}).values():
-        for source in as_list(sources):
-            voc_list_path(root, sbd, source)
+    sources = [source for listed in (splits or {}).values() for source in as_list(listed)]
+    for source in sources:
+        voc_list_path(root, sbd, source)
+    if any(str(source).startswith("voc/") for source in sources) and not (root / "SegmentationClass").is_dir():
+        raise FileNotFoundError(
+            f"{root} has no SegmentationClass/, the folder of VOC's class masks (<id>.png) that the voc/... "
+            "lists need. Download the VOC trainval set (the test set has no masks), or use only sbd/... lists."
+        )
 
 
 def check_coco_layout(root: str, splits: dict[str, dict[str, str]], on_bad_image: str = "skip",

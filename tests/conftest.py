@@ -80,7 +80,7 @@ def write_bad_layout(kind: str, root: Path) -> Path:
     Args:
         kind: "one_class", "empty_class" (a class folder holding only a .txt), "no_classes",
             "loose_images" (images in the root itself), "voc_without_jpegimages",
-            "voc_without_lists", "coco_without_annotations".
+            "voc_without_lists", "voc_without_masks", "coco_without_annotations".
         root: the folder to write.
     """
     files = {
@@ -90,6 +90,7 @@ def write_bad_layout(kind: str, root: Path) -> Path:
         "loose_images": ["a.jpg", "b.JPG"],
         "voc_without_jpegimages": ["SegmentationClass/a.png"],
         "voc_without_lists": ["JPEGImages/a.jpg", "SegmentationClass/a.png"],
+        "voc_without_masks": ["JPEGImages/a.jpg", "ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt"],
         "coco_without_annotations": ["train2017/a.jpg", "val2017/b.jpg"],
     }[kind]
     root.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,8 @@ def make_placeholder_layout(dataset, tmp_path: Path) -> None:
             (root / name).mkdir(parents=True, exist_ok=True)
             (root / name / "image.jpg").touch()
     elif kind == "VOCSegmentation":
-        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        for folder in ("JPEGImages", "SegmentationClass"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
         for source in (source for sources in dataset.splits.values() for source in sources):
             list_kind, name = source.split("/")
             folder = root / "ImageSets" / "Segmentation" if list_kind == "voc" else Path(dataset.sbd_root)

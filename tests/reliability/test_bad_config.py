@@ -166,6 +166,7 @@ def test_config_and_data_root_are_checked_before_tensorflow_is_imported(override
     ("voc_without_jpegimages", ["task=fcn32", "dataset=voc"], "{root} is not a PASCAL VOC folder: it has no JPEGImages/"),
     ("voc_without_lists", ["task=fcn32", "dataset=voc"],
      "Image list {root}/ImageSets/Segmentation/train.txt for 'voc/train' does not exist"),
+    ("voc_without_masks", ["task=fcn32", "dataset=voc"], "{root} has no SegmentationClass/, the folder of VOC's class masks"),
     ("coco_without_annotations", ["task=fcn32", "dataset=coco"],
      "COCO annotation file {root}/annotations/instances_train2017.json (train) does not exist"),
 ])
