@@ -23,28 +23,30 @@ def register_custom_objects() -> None:
 class _RegisterAfterKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds `keras` with the other finders and runs `register_custom_objects` once it is loaded.
 
-    It stays in `sys.meta_path` until Keras is really loaded, not only looked up: `import tensorflow`
-    first asks `importlib.util.find_spec("keras")` and imports it afterwards, and a finder gone after
-    that first question let `predict.py model=run/model.keras` load Keras unregistered.
+    It stays in `sys.meta_path` until Keras is actually loaded: `import tensorflow` looks Keras up with
+    `importlib.util.find_spec("keras")` without loading it, and a finder that left at the first lookup
+    missed the real import that followed (`export.py` then could not load any model.keras).
     """
 
     def find_spec(self, name, path=None, target=None):
         if name != "keras":
             return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)  # the real module, past this finder
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # the real module, not via sys.meta_path
         if spec is None or spec.loader is None:
             return spec
-        self._loader = spec.loader
+        spec.loader_state = spec.loader  # each spec remembers its own loader
         spec.loader = self
         return spec
 
     def create_module(self, spec):
-        return self._loader.create_module(spec)
+        return spec.loader_state.create_module(spec)
 
     def exec_module(self, module):
         if self in sys.meta_path:
-            sys.meta_path.remove(self)  # Keras is loaded once
-        self._loader.exec_module(module)
+            sys.meta_path.remove(self)  # Keras loads once
+        loader = module.__spec__.loader_state
+        module.__spec__.loader = module.__loader__ = loader  # Keras's own loader from here on
+        loader.exec_module(module)
         register_custom_objects()
 
 

@@ -7,12 +7,12 @@ import hashlib
 import logging
 import random
 import warnings
-from pathlib import Path
 from typing import Callable, Iterator
 
 import keras
 import numpy as np
 
+from pipeline.checks import check_weights_file
 from pipeline.layers import ImagePreprocessing
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,7 @@ class Backbone:
         self.imagenet_weights = imagenet_weights
         self.trainable = trainable
         self.checkpoint_importer = checkpoint_importer
-        # A TF checkpoint is named by its prefix: `vgg_16.ckpt` for vgg_16.ckpt.index + .data-* files.
-        if weights not in (None, "imagenet") and not (
-            Path(weights).is_file() or (checkpoint_importer and Path(f"{weights}.index").is_file())
-        ):
-            raise FileNotFoundError(
-                f"backbone.weights={weights!r} is neither 'imagenet', null, nor an existing file. "
-                f"Give the path of a .h5 or .weights.h5 file for {name} without its top"
-                + (", or of a checkpoint its importer reads." if checkpoint_importer else ".")
-            )
+        check_weights_file(name, weights, checkpoint_importer is not None)  # also run before TensorFlow loads
 
     def _weights_argument(self, include_top: bool) -> str | None:
         # Converting weights builds throw-away models whose initialisers draw random numbers; only the

@@ -13,12 +13,13 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from pipeline.files import as_list, not_regular_reason, sha256_file
+from pipeline.files import not_regular_reason, sha256_file
+# Which folders are classes and which files images: pipeline.folders, shared with the check before TensorFlow.
+from pipeline.folders import IMAGE_EXTENSIONS, check_folder_options, image_extensions, scan_folder  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _EXIF_ORIENTATION = 0x0112
 MAX_IMAGE_PIXELS = 2 * 89_478_485  # Pillow's DecompressionBombError limit (2x its warning limit)
 
@@ -82,17 +83,9 @@ class ImageFolder:
 
     def __post_init__(self):
         self.root = str(Path(self.root).expanduser().resolve())
-        if self.on_bad_image not in ("skip", "error"):
-            raise ValueError(f"on_bad_image must be 'skip' or 'error'; got {self.on_bad_image!r}.")
-        if not 0 <= self.validation_percent + self.test_percent < 100:
-            raise ValueError(
-                "validation_percent + test_percent must be in [0, 100) so training keeps images; "
-                f"got {self.validation_percent} + {self.test_percent}."
-            )
-        self.extensions = tuple(extension.lower() for extension in as_list(self.extensions))
-        if self.on_duplicate not in ("warn", "drop", "error"):
-            raise ValueError(f"on_duplicate must be 'warn', 'drop' or 'error'; got {self.on_duplicate!r}.")
-        self.class_names, files = scan_folder(self.root, self.extensions)
+        check_folder_options(self.validation_percent, self.test_percent, self.on_bad_image, self.on_duplicate)
+        self.extensions = image_extensions(self.extensions)
+        self.class_names, files = scan_folder(self.root, self.extensions)  # pipeline.folders: the early check's rules
         files = self._without_unsafe(files)  # first: hashing a FIFO would block
         files, first_copy = self._handle_duplicates(files)
         by_split = {name: ([], []) for name in SPLITS}
@@ -225,95 +218,6 @@ def check_training_classes(class_names: list[str], train_labels: np.ndarray, on_
     if on_bad_image == "error":
         raise ValueError(message)
     log.warning(message)
-
-
-def scan_folder(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[int, str]]]:
-    """Class names (sorted sub-folder names) and every (label, relative path), sorted.
-
-    Sub-folders of a class folder are searched too, and symbolic links to folders are followed
-    (a class folder may be a link); a link back to a folder already being searched is skipped with a
-    warning, so a link loop cannot hang the scan. Hidden files and folders are ignored. Files with
-    other extensions are left out, and the log says how many of each extension.
-
-    Args:
-        root: the data root.
-        extensions: lower-case extensions to take.
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"Dataset root {root} does not exist or is not a folder. Set dataset.root to a folder "
-            "with one sub-folder of images per class (see datasets/README.md)."
-        )
-    class_names = sorted(
-        entry.name
-        for entry in os.scandir(root)
-        if _is_folder(entry) and not entry.name.startswith(".")  # follows links: a linked class counts
-    )
-    if len(class_names) < 2:
-        raise ValueError(
-            f"Dataset root {root} has {len(class_names)} class folder(s) ({', '.join(class_names)}); "
-            "a classifier needs at least two. Put each class's images in its own sub-folder."
-        )
-    files, left_out = [], {}
-    for label, class_name in enumerate(class_names):
-        class_dir = os.path.join(root, class_name)
-        found = []
-        for directory, names in _walk_following_links(class_dir):
-            for name in names:
-                if name.startswith("."):
-                    continue
-                extension = os.path.splitext(name)[1].lower()
-                if extension in extensions:
-                    found.append(os.path.relpath(os.path.join(directory, name), root))
-                else:
-                    left_out[extension or "(none)"] = left_out.get(extension or "(none)", 0) + 1
-        if not found:
-            raise ValueError(
-                f"Class folder {class_dir} has no images with extensions {', '.join(extensions)}. "
-                "Add images or remove the folder."
-            )
-        files += [(label, path.replace(os.sep, "/")) for path in sorted(found)]
-    if left_out:
-        counts = ", ".join(f"{count} {extension}" for extension, count in sorted(left_out.items()))
-        log.warning("%s: %d file(s) left out by extension (%s); dataset.extensions takes %s. Add an "
-                    "extension there to use those files.", root, sum(left_out.values()), counts,
-                    ", ".join(extensions))
-    return class_names, files
-
-
-def _is_folder(entry: os.DirEntry) -> bool:
-    """A folder or a link to one; a link loop or a broken link is a file (reported as unreadable later)."""
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def _walk_following_links(top: str):
-    """(folder, file names) under `top`, sorted, following folder links but never into a loop."""
-    stack = [(top, frozenset({os.path.realpath(top)}))]
-    while stack:
-        directory, ancestors = stack.pop()
-        try:
-            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
-        except OSError as error:
-            log.warning("Cannot list %s: %s; its files are left out.", directory, error.strerror or error)
-            continue
-        names, folders = [], []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if _is_folder(entry):  # a link to a folder included
-                real = os.path.realpath(entry.path)
-                if real in ancestors:
-                    log.warning("Skipping %s: a symbolic link back to %s, which holds it (a loop).",
-                                entry.path, real)
-                    continue
-                folders.append((entry.path, ancestors | {real}))
-            else:
-                names.append(entry.name)
-        yield directory, names
-        stack.extend(reversed(folders))
 
 
 def tf_paths(paths: list[str]) -> list[bytes]:

@@ -22,7 +22,8 @@ class Paths:
 
 @dataclass
 class Export:
-    formats: list[str] = field(default_factory=list)  # export at the end of training: saved_model, litert, onnx
+    # export at the end of training: saved_model, litert, onnx; one name or a list (pipeline.checks.export_formats)
+    formats: Any = field(default_factory=list)
 
 
 @dataclass

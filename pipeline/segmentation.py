@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.data import decode_image, handle_bad_images, tf_paths
 from pipeline.files import atomic_write_bytes, atomic_write_text, sha256_file
+from pipeline.folders import check_coco_layout, check_voc_layout, voc_list_path
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +222,6 @@ class SegmentationData:
         return splits, skipped
 
 
-def _check_on_bad_image(on_bad_image: str) -> None:
-    if on_bad_image not in ("skip", "error"):
-        raise ValueError(f"on_bad_image must be 'skip' or 'error'; got {on_bad_image!r}.")
-
-
 def _missing_files_error(what: str, missing: list[str], hint: str) -> ValueError:
     listing = "\n".join(f"  {path}" for path in missing[:MAX_LISTED])
     more = f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
@@ -268,18 +264,12 @@ class VOCSegmentation(SegmentationData):
         exclude_evaluation_images_from_train: bool = True,
         on_bad_image: str = "skip",
     ):
-        _check_on_bad_image(on_bad_image)
+        check_voc_layout(root, splits or DEFAULT_VOC_SPLITS, sbd_root, on_bad_image)  # the check run before TensorFlow, once more
         self.root = Path(root).expanduser().resolve()
         self.sbd_root = Path(sbd_root).expanduser().resolve() if sbd_root else None
         self.cache_dir = Path(cache_dir or self.root / ".cache").expanduser().resolve()
         self.class_names = list(class_names)
         self.on_bad_image = on_bad_image
-        if not (self.root / "JPEGImages").is_dir():
-            raise FileNotFoundError(
-                f"{self.root} is not a PASCAL VOC folder: it has no JPEGImages/. Set dataset.root to "
-                "the folder holding JPEGImages/, SegmentationClass/ and ImageSets/ (e.g. "
-                ".../VOCdevkit/VOC2012), or use dataset=voc_demo for the offline demo."
-            )
         self._sbd_sources: dict[str, Path] = {}  # converted PNG -> SBD .mat it comes from
         self.splits = {name: self._split(lists) for name, lists in (splits or DEFAULT_VOC_SPLITS).items()}
         if exclude_evaluation_images_from_train and "train" in self.splits:
@@ -295,19 +285,7 @@ class VOCSegmentation(SegmentationData):
         log.info("%s: %d classes; %s images", self.root, self.num_classes, counts)
 
     def _read_list(self, source: str) -> tuple[str, list[str]]:
-        kind, _, name = source.partition("/")
-        if kind == "voc":
-            path = self.root / "ImageSets" / "Segmentation" / f"{name}.txt"
-        elif kind == "sbd":
-            if self.sbd_root is None:
-                raise ValueError(f"Split list {source!r} needs dataset.sbd_root: the SBD `dataset` folder.")
-            path = self.sbd_root / f"{name}.txt"
-        else:
-            raise ValueError(f"Split lists are 'voc/<name>' or 'sbd/<name>'; got {source!r}.")
-        if not path.is_file():
-            hint = (" seg11valid.txt (the reference's 736 validation ids) comes with the FCN reference "
-                    "code (data/pascal/seg11valid.txt); copy it there.") if name == "seg11valid" else ""
-            raise FileNotFoundError(f"Image list {path} for {source!r} does not exist.{hint}")
+        kind, path = voc_list_path(self.root, self.sbd_root, source)
         ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
         return kind, ids
 
@@ -395,11 +373,8 @@ class COCOSegmentation(SegmentationData):
 
     def __init__(self, root: str, splits: dict[str, dict[str, str]], cache_dir: str,
                  on_bad_image: str = "skip"):
-        _check_on_bad_image(on_bad_image)
-        try:
-            from pycocotools.coco import COCO
-        except ImportError as error:
-            raise ImportError("dataset=coco reads annotations with pycocotools: pip install pycocotools") from error
+        check_coco_layout(root, splits, on_bad_image)  # the check run before TensorFlow, once more
+        from pycocotools.coco import COCO
         self.root = Path(root).expanduser().resolve()
         self.cache_dir = Path(cache_dir).expanduser().resolve()
         self.on_bad_image = on_bad_image
@@ -408,9 +383,6 @@ class COCOSegmentation(SegmentationData):
         self.splits = {}
         for split_name, spec in splits.items():
             annotations = self.root / spec["annotations"]
-            if not annotations.is_file():
-                raise FileNotFoundError(f"COCO annotation file {annotations} ({split_name}) does not exist. "
-                                        "Set dataset.root to the folder holding annotations/.")
             if str(annotations) not in self._cocos:
                 with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
                     coco = COCO(str(annotations))

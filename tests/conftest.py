@@ -86,3 +86,29 @@ TINY = [
     "dataset.validation_percent=25",
     "dataset.test_percent=25",
 ]
+
+
+def write_bad_layout(kind: str, root: Path) -> Path:
+    """A data root a new user might give by mistake (files are empty: the checks open none of them).
+
+    Args:
+        kind: "one_class", "empty_class" (a class folder holding only a .txt), "no_classes",
+            "loose_images" (images in the root itself), "voc_without_jpegimages",
+            "voc_without_lists", "voc_without_masks", "coco_without_annotations".
+        root: the folder to write.
+    """
+    files = {
+        "one_class": ["cat/a.jpg"],
+        "empty_class": ["cat/a.jpg", "dog/notes.txt"],
+        "no_classes": [],
+        "loose_images": ["a.jpg", "b.JPG"],
+        "voc_without_jpegimages": ["SegmentationClass/a.png"],
+        "voc_without_lists": ["JPEGImages/a.jpg", "SegmentationClass/a.png"],
+        "voc_without_masks": ["JPEGImages/a.jpg", "ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt"],
+        "coco_without_annotations": ["train2017/a.jpg", "val2017/b.jpg"],
+    }[kind]
+    root.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).touch()
+    return root

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.data import SPLITS, ImageFolder, decode_image, find_bad_images, handle_bad_images
 from pipeline.layers import ImagePreprocessing
-from tests.conftest import TINY, compose_config, write_photo_folder
+from tests.conftest import TINY, compose_config, write_bad_layout, write_photo_folder
 
 
 def test_classes_files_and_extensions_in_any_case(photo_folder):
@@ -59,6 +59,41 @@ def test_missing_root_single_class_and_empty_class_name_the_path(tmp_path):
     (tmp_path / "empty" / "zebra").mkdir()
     with pytest.raises(ValueError, match=str(tmp_path / "empty" / "zebra")):
         ImageFolder(str(tmp_path / "empty"))
+
+
+def _outcome(function, *args) -> str:
+    try:
+        function(*args)
+    except (ValueError, FileNotFoundError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "accepted"
+
+
+@pytest.mark.parametrize("layout", ["one_class", "empty_class", "no_classes", "loose_images", "nowhere",
+                                    "photos", "linked_classes_and_a_loop", "images_only_in_sub_folders"])
+def test_the_check_before_tensorflow_and_the_scan_agree_on_every_layout(layout, tmp_path):
+    """`pipeline.checks` lists the folders before TensorFlow loads; ImageFolder must accept and refuse the same."""
+    from pipeline.folders import check_image_folder
+
+    root = tmp_path / "data"
+    if layout == "photos":
+        write_photo_folder(root, images_per_class=2)
+    elif layout == "linked_classes_and_a_loop":
+        write_photo_folder(tmp_path / "elsewhere", images_per_class=2)
+        root.mkdir()
+        for name in ("cat", "coffee"):
+            os.symlink(tmp_path / "elsewhere" / name, root / name)
+        os.symlink(root, root / "cat" / "loop")
+    elif layout == "images_only_in_sub_folders":
+        write_photo_folder(root, images_per_class=2)
+        (root / "cat" / "2024").mkdir()
+        for image in (root / "cat").glob("*.*"):
+            image.rename(root / "cat" / "2024" / image.name)
+    elif layout != "nowhere":
+        write_bad_layout(layout, root)
+    early = _outcome(check_image_folder, str(root))
+    assert early == _outcome(ImageFolder, str(root))
+    assert (early == "accepted") == (layout in ("photos", "linked_classes_and_a_loop", "images_only_in_sub_folders"))
 
 
 def _encoded(image: Image.Image, format: str) -> bytes:
@@ -106,6 +141,7 @@ def test_one_extension_without_brackets_is_one_extension(photo_folder, tmp_path)
     folder = instantiate(cfg.dataset)
     assert folder.extensions == (".png",)
     assert sum(len(split) for split in folder.splits.values()) == 9  # every 4th photo of 3 x 12 is a .png
+    assert ImageFolder(str(photo_folder), extensions=["png", "JPG"]).extensions == (".png", ".jpg")  # dot optional
 
 
 def test_linked_class_folders_and_sub_folders_are_followed_and_loops_skipped(tmp_path, caplog):

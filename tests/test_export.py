@@ -241,15 +241,17 @@ def test_export_command_line_writes_the_formats_and_a_bad_format_is_one_line(tra
     assert "Traceback" not in result.stderr
 
 
-def test_export_command_line_exports_a_run_also_under_the_jax_backend(transfer_run, tmp_path):
+@pytest.mark.parametrize("backend", ["jax", pytest.param("tensorflow", marks=pytest.mark.slow)])
+def test_export_command_line_exports_a_run_under_either_backend(backend, transfer_run, tmp_path):
     """Under JAX, export.py (like a JAX training run with export.formats) exports in a TensorFlow child."""
     run_dir = tmp_path / "run"  # a copy: the module's run keeps its export for the other tests
     shutil.copytree(transfer_run, run_dir, ignore=shutil.ignore_patterns("export", "checkpoints", "tensorboard"))
     result = subprocess.run([sys.executable, "export.py", f"run_dir={run_dir}", "formats=[litert]",
                              f"hydra.run.dir={tmp_path}/cli"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "KERAS_BACKEND": "jax"})
+                            env={**os.environ, "KERAS_BACKEND": backend})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "with the TensorFlow backend in a child process (this one runs jax)" in result.stderr
+    child = "with the TensorFlow backend in a child process (this one runs jax)"
+    assert (child in result.stderr) == (backend == "jax")
     assert "litert" in result.stdout and "top-1 agreement 100.0 %" in result.stdout
     assert sorted(path.name for path in (run_dir / "export").iterdir()) == ["labels.txt", "model.tflite",
                                                                          "parity.json"]

@@ -148,15 +148,6 @@ def test_command_line_composes_the_config_without_loading_tensorflow():
     assert "pipeline.efficientnet_lite.EfficientNetLite0" in result.stdout and "top_k: 5" in result.stdout
 
 
-def test_import_pipeline_registers_the_custom_layers_when_tensorflow_imports_keras():
-    """What `predict.py model=run/model.keras` relies on: `import tensorflow` looks Keras up before it imports
-    it, and the layers must still be registered for a safe load (the hook once left after the look-up)."""
-    code = ("import pipeline, tensorflow, keras; "
-            "assert keras.saving.get_registered_object('pipeline>ImagePreprocessing'), 'not registered'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=CONF.parent, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 @pytest.mark.slow
 def test_command_line_prints_the_table_and_writes_predictions_json(tmp_path):
     result = subprocess.run(

@@ -6,8 +6,10 @@ gets a rule before it is merged:
 
 - `python train.py ...`, `predict.py`, `annotate.py`: composed from the real conf/ exactly as the
   script would (every job of a `-m` sweep, also each job of a `sweep=` recipe's grid), then
-  `pipeline.checks.check_train_config`'d for train.py, with `/data/...` roots made as empty
-  folders. Not trained: the other tests train every task. `--help` runs the script itself.
+  `pipeline.checks.check_train_config`'d for train.py, with `/data/...` roots made as the smallest
+  layout their dataset's early check accepts (two class folders with a file each; VOC's folders and id
+  lists; COCO's annotation files and image folders; nothing is opened). Not trained: the other tests
+  train every task. `--help` runs the script itself.
 - `make TARGET`: the target exists in the Makefile (it installs a fresh environment: CI runs
   `make test` itself, and `make demo` is `python train.py`, covered above).
 - `.venv/bin/python bench/X.py ARGS`: ARGS are parsed by the script's own argparse parser; the
@@ -121,6 +123,35 @@ def with_data_roots(overrides: list[str], tmp_path: Path) -> list[str]:
     return rewritten
 
 
+def make_placeholder_layout(dataset, tmp_path: Path) -> None:
+    """A placeholder root under tmp_path given the files its dataset class needs, as empty files.
+
+    `check_train_config` lists the data set's folders before TensorFlow loads (it opens no image), so a
+    placeholder must have the layout of its kind: that check is part of what a README command runs.
+    """
+    root = dataset.get("root")
+    if not isinstance(root, str) or tmp_path not in Path(root).parents:
+        return
+    root, kind = Path(root), dataset["_target_"].rsplit(".", 1)[1]
+    if kind == "ImageFolder":
+        for name in ("class_a", "class_b"):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            (root / name / "image.jpg").touch()
+    elif kind == "VOCSegmentation":
+        for folder in ("JPEGImages", "SegmentationClass"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        for source in (source for sources in dataset.splits.values() for source in sources):
+            list_kind, name = source.split("/")
+            folder = root / "ImageSets" / "Segmentation" if list_kind == "voc" else Path(dataset.sbd_root)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.txt").touch()
+    elif kind == "COCOSegmentation":
+        for spec in dataset.splits.values():
+            (root / spec.annotations).parent.mkdir(parents=True, exist_ok=True)
+            (root / spec.annotations).touch()
+            (root / spec.images).mkdir(parents=True, exist_ok=True)
+
+
 def compose(config_name: str, overrides: list[str], tmp_path: Path):
     """The real conf/<config_name>.yaml with `overrides`, folders under tmp_path, and its sweeper's
     `params` (a recipe's grid), from Hydra's own config."""
@@ -142,7 +173,9 @@ def compose_train_jobs(arguments: list[str], tmp_path: Path) -> int:
         cfg, params = compose("train", overrides, tmp_path)
         grid = [f"{key}={value}" for key, value in params.items()] if "-m" in arguments else []
         for job in job_overrides(grid) if grid else [[]]:
-            check_train_config(compose("train", [*overrides, *job], tmp_path)[0] if job else cfg)
+            job_cfg = compose("train", [*overrides, *job], tmp_path)[0] if job else cfg
+            make_placeholder_layout(job_cfg.dataset, tmp_path)
+            check_train_config(job_cfg)
             jobs += 1
     return jobs
 

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
-from pipeline.checks import image_size_pair
+from pipeline.checks import dataset_mismatch, image_size_pair
 from pipeline.data import ImageFolder, Split, find_bad_images, handle_bad_images, read_image, tf_paths
 from pipeline.distribute import local_predictor
 from pipeline.layers import ImagePreprocessing, uint8_to_float32
@@ -104,12 +104,8 @@ class ClassificationTask:
         augmentation: list[keras.layers.Layer] | None = None,
         seed: int = 0,
     ):
-        if not isinstance(dataset, ImageFolder):
-            raise ValueError(
-                f"task={self.task_name} needs a folder-per-class dataset (dataset=demo, or dataset=folder "
-                f"dataset.root=...); got {type(dataset).__name__}, a segmentation dataset. For segmentation "
-                f"add task=fcn32: python train.py task=fcn32 dataset=voc_demo."
-            )
+        if not isinstance(dataset, ImageFolder):  # also checked from the config, before TensorFlow loads
+            raise dataset_mismatch(self.task_name, "folder", type(dataset).__name__)
         self.backbone = backbone
         self.dataset = dataset
         self.image_size = tuple(image_size_pair(image_size))

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import Backbone, unfreeze_top
-from pipeline.checks import image_size_pair
+from pipeline.checks import dataset_mismatch, image_size_pair
 from pipeline.data import tf_paths
 from pipeline.distribute import even_batches, local_predictor, saving_is_collective
 from pipeline.files import atomic_write_text
@@ -76,10 +76,8 @@ class FCN32Task:
     ):
         if upsampling not in ("auto", "per_class", "dense"):
             raise ValueError(f"task.upsampling must be 'auto', 'per_class' or 'dense'; got {upsampling!r}.")
-        if not isinstance(dataset, SegmentationData):  # checked here, before any model is built
-            raise ValueError(f"task=fcn32 needs a segmentation dataset (dataset=voc, voc_sbd, voc_demo or coco); "
-                             f"got {type(dataset).__name__}. For a folder-per-class dataset use "
-                             "task=transfer or task=classification.")
+        if not isinstance(dataset, SegmentationData):  # before any model is built; also from the config, earlier
+            raise dataset_mismatch("fcn32", "segmentation", type(dataset).__name__)
         self.backbone = backbone
         self.dataset = dataset
         self.image_size = tuple(image_size_pair(image_size))

@@ -10,7 +10,7 @@ import pytest
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from tests.conftest import CONF, TINY, compose_config
+from tests.conftest import CONF, TINY, compose_config, write_bad_layout
 
 
 def train_cli(tmp_path, *overrides):
@@ -141,6 +141,8 @@ def without_tensorflow(tmp_path_factory):
     (["dataset=folder", "dataset.root=/no/such/folder"], "Dataset root /no/such/folder does not exist"),
     (["image_size=[224,wide]"], "image_size must be one positive int for a square (image_size=160) or [height, width]"),
     (["image_size=[224,224,3]"], "got [224, 224, 3]"),
+    (["backbone.weights=/no/such/file.h5"], "backbone.weights='/no/such/file.h5' is neither 'imagenet', null, nor an "
+                                            "existing file"),
 ])
 def test_config_and_data_root_are_checked_before_tensorflow_is_imported(overrides, message, tmp_path,
                                                                          without_tensorflow):
@@ -153,9 +155,58 @@ def test_config_and_data_root_are_checked_before_tensorflow_is_imported(override
     assert "task.dataset.root" not in result.stderr, "the key the user sets, not the interpolated one"
 
 
-def test_a_task_and_a_dataset_that_do_not_fit_are_one_clear_message(photo_folder, tmp_path):
-    result = train_cli(tmp_path, "dataset=voc_demo", "debug=tiny")  # forgot task=fcn32
+@pytest.mark.parametrize("layout,overrides,message", [
+    ("one_class", ["dataset=folder"],
+     "Dataset root {root} has only 1 class folder (cat); a classifier needs at least two"),
+    ("empty_class", ["dataset=folder"],
+     "Class folder {root}/dog has no images with extensions .jpg, .jpeg, .png, .bmp, .gif (it holds 1 .txt"),
+    ("no_classes", ["dataset=folder"], "Dataset root {root} has no class folders; a classifier needs at least two"),
+    ("loose_images", ["dataset=folder"], "has no class folders and 2 image file(s) directly in it"),
+    ("one_class", ["dataset=folder", "dataset.on_bad_image=sometimes"], "on_bad_image must be 'skip' or 'error'"),
+    ("voc_without_jpegimages", ["task=fcn32", "dataset=voc"], "{root} is not a PASCAL VOC folder: it has no JPEGImages/"),
+    ("voc_without_lists", ["task=fcn32", "dataset=voc"],
+     "Image list {root}/ImageSets/Segmentation/train.txt for 'voc/train' does not exist"),
+    ("voc_without_masks", ["task=fcn32", "dataset=voc"], "{root} has no SegmentationClass/, the folder of VOC's class masks"),
+    ("coco_without_annotations", ["task=fcn32", "dataset=coco"],
+     "COCO annotation file {root}/annotations/instances_train2017.json (train) does not exist"),
+])
+def test_data_sets_that_cannot_work_are_reported_before_tensorflow_is_imported(layout, overrides, message, tmp_path,
+                                                                               without_tensorflow):
+    """An empty class folder or a single class used to be found 9 s in, after TensorFlow loaded; now ~1 s."""
+    root = write_bad_layout(layout, tmp_path / "data").resolve()
+    result = subprocess.run(
+        [sys.executable, "train.py", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/run", *overrides,
+         f"dataset.root={root}"], cwd=CONF.parent, capture_output=True, text=True, timeout=600,
+        env=without_tensorflow)
     assert result.returncode == 1
+    assert message.format(root=root) in result.stderr, result.stderr[-2000:]
+    assert "TensorFlow was imported" not in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "run" / "error.txt").is_file() and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_an_unknown_export_format_stops_the_run_before_training(tmp_path, without_tensorflow):
+    """`export.formats=[tflite]` used to train fully, then fail in export."""
+    result = subprocess.run(
+        [sys.executable, "train.py", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/run", "export.formats=[tflite]"],
+        cwd=CONF.parent, capture_output=True, text=True, timeout=600, env=without_tensorflow)
+    assert result.returncode == 1
+    assert ("export.formats: Unknown export format(s) ['tflite']: choose from ['saved_model', 'litert', 'onnx']"
+            in result.stderr and "TFLite files are written by litert" in result.stderr), result.stderr[-2000:]
+    assert "TensorFlow was imported" not in result.stderr
+    assert not (tmp_path / "run" / "history.csv").exists()
+
+    from pipeline.checks import check_train_config
+
+    cfg = compose_config(["export.formats=onnx"], tmp_path)  # one name, as export.py formats=onnx takes
+    check_train_config(cfg)
+    assert list(cfg.export.formats) == ["onnx"]
+
+
+def test_a_task_and_a_dataset_that_do_not_fit_are_one_clear_message(photo_folder, tmp_path, without_tensorflow):
+    result = subprocess.run(  # forgot task=fcn32: stopped from the config, before TensorFlow (it took 14 s)
+        [sys.executable, "train.py", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/run", "dataset=voc_demo"],
+        cwd=CONF.parent, capture_output=True, text=True, timeout=600, env=without_tensorflow)
+    assert result.returncode == 1 and "TensorFlow was imported" not in result.stderr
     assert ("ValueError: task=transfer needs a folder-per-class dataset (dataset=demo, or dataset=folder "
             "dataset.root=...); got VOCSegmentation") in result.stderr, result.stderr[-2000:]
     assert "task=fcn32 dataset=voc_demo" in result.stderr
@@ -167,6 +218,30 @@ def test_a_task_and_a_dataset_that_do_not_fit_are_one_clear_message(photo_folder
                                                      "task=transfer or task=classification"):
         instantiate(compose_config(["task=fcn32", "dataset=folder", f"dataset.root={photo_folder}"],
                                    tmp_path).task)
+
+
+def test_the_early_tables_know_every_task_and_dataset_of_conf_and_their_kinds():
+    """pipeline.checks names tasks and datasets by `_target_` (it cannot import them before TensorFlow):
+    a renamed class or a new option must be added there, with the kind its class really has."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    from pipeline.checks import DATASET_CHECKS, DATASET_KINDS, TASK_DATA
+    from pipeline.data import ImageFolder
+    from pipeline.segmentation import SegmentationData
+
+    def targets(group):
+        return {OmegaConf.load(path).get("_target_") for path in (CONF / group).glob("*.yaml")} - {None}
+
+    assert targets("task") == set(TASK_DATA) and targets("dataset") <= set(DATASET_KINDS) == set(DATASET_CHECKS)
+    for target, kind in DATASET_KINDS.items():
+        module, name = target.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, ImageFolder if kind == "folder" else SegmentationData), target
+    for target, (name, _) in TASK_DATA.items():
+        module, cls_name = target.rsplit(".", 1)
+        assert importlib.import_module(module).__dict__[cls_name] and (CONF / "task" / f"{name}.yaml").is_file()
 
 
 def test_a_strategy_that_cannot_start_names_its_keys(tmp_path):
