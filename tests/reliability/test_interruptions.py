@@ -194,7 +194,8 @@ def test_read_only_output_folder_is_a_clear_error(photo_folder, tmp_path, mount)
     assert (tmp_path / "outputs" / "earlier" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", JAX_SLOW])
+# Slow under both: test_sweeps.py's killed grid sweep (default suite) kills a sweep and reruns it too.
+@pytest.mark.parametrize("backend", [pytest.param("tensorflow", marks=pytest.mark.slow), JAX_SLOW])
 def test_sigkill_during_a_sweep_then_the_rerun_finishes_every_job(backend, photo_folder, tmp_path):
     argv = [sys.executable, "train.py", "-m", f"paths.root={tmp_path}", *TINY,
             f"dataset.root={photo_folder}", "sweep=head", f"hydra.sweep.dir={tmp_path}/sweep"]
