@@ -126,8 +126,7 @@ def export_formats(value) -> list[str]:
     try:
         return check_formats(formats) if formats else []
     except ValueError as error:
-        hint = " TFLite files are written by litert (model.tflite)." if {"tflite", "lite"} & set(formats) else ""
-        raise ValueError(f"export.formats: {error}{hint}") from None
+        raise ValueError(f"export.formats: {error}") from None
 
 
 # The data each task reads (its option name for messages, and the kind), and each dataset class's kind, by

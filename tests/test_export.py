@@ -238,6 +238,7 @@ def test_export_command_line_writes_the_formats_and_a_bad_format_is_one_line(tra
                              f"hydra.run.dir={tmp_path}/bad"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "Unknown export format(s) ['tflite']: choose from ['saved_model', 'litert', 'onnx']" in result.stderr
+    assert "TFLite files are written by litert (model.tflite)." in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -56,14 +56,14 @@ def export_run(
     if not model_path.is_file():
         raise FileNotFoundError(f"No model.keras in {run_dir}: give the folder of a finished training run "
                                 "(run_dir=outputs/<date>/<time>).")
-    import keras  # after the checks: TensorFlow takes seconds to load
+    import keras  # after the checks: TensorFlow takes seconds to load (pipeline/__init__.py registers our layers)
 
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
         if model is not None:
             raise ValueError("export_run(model=...) needs KERAS_BACKEND=tensorflow: the formats are written from "
-                             f"TensorFlow graphs, and this process runs {keras.backend.backend()}.")
-        return _export_under_tensorflow(run_dir, formats, images, max_images, image_size, keras.backend.backend())
-    import pipeline  # noqa: F401  registers the custom objects before loading
+                             f"TensorFlow graphs, and this process runs {backend}.")
+        return _export_under_tensorflow(run_dir, formats, images, max_images, image_size, backend)
     from pipeline.export.formats import float32_copy, write_litert, write_onnx, write_saved_model
 
     reference = float32_copy(keras.saving.load_model(model_path, safe_mode=True))
